@@ -1,0 +1,61 @@
+"""Content-hash keys: what names an upload and what names a result.
+
+A result key is the sha256 of a canonical JSON of everything that decides the output bytes,
+so the same inputs always give the same key, and any change to them gives another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMA_VERSION = 1
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def image_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides a result's bytes. `params` must be validated, defaults filled."""
+
+    image_sha256: str
+    effect: str
+    effect_version: int
+    model_id: str | None
+    params: dict[str, Any]
+    background: str
+    format: str
+    max_size: int
+    seed: int
+
+    def canonical_json(self) -> str:
+        document = {
+            "schema": SCHEMA_VERSION,
+            "image_sha256": self.image_sha256,
+            "effect": self.effect,
+            "effect_version": self.effect_version,
+            "model_id": self.model_id,
+            "params": self.params,
+            "background": self.background,
+            "format": self.format,
+            "max_size": self.max_size,
+            "seed": self.seed,
+        }
+        return json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+    def result_key(self) -> str:
+        return hashlib.sha256(self.canonical_json().encode("ascii")).hexdigest()
+
+
+def result_object(result_key: str, extension: str) -> str:
+    return f"results/{result_key}.{extension}"
+
+
+def mask_object(image_sha256: str, model_id: str) -> str:
+    return f"masks/{image_sha256}-{model_id}.png"

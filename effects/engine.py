@@ -1,0 +1,414 @@
+"""The engine: owns the device, the loaded models and the GPU work queue.
+
+Mask requests from concurrent uploads are gathered into micro-batches (up to
+`mask_batch_size`, waiting at most `mask_batch_wait_ms` for company) and run on one GPU
+thread; diffusion jobs run one at a time on a thread of their own, so a long diffusion job
+never holds up the short mask batches behind it. Everything between the upload and the
+download (resize, normalise, forward, upsample, foreground estimation, compositing,
+effects) is tensor work on the engine's device: an image goes to the GPU once and comes back
+once per result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from effects.background import Background, compose
+from effects.base import Effect, EffectParams
+
+if TYPE_CHECKING:
+    from effects.inspyrenet import CutoutModel
+
+log = logging.getLogger("cutout.engine")
+
+CUTOUT = "cutout"
+MANIFEST = "model.json"
+ModelStatus = Literal["loading", "ready", "missing", "failed"]
+
+
+class EngineError(Exception):
+    """Base of the engine's own failures; the service maps each to an HTTP answer."""
+
+
+class ModelNotReady(EngineError):
+    """The model is still loading (a cold start): retry shortly."""
+
+
+class ModelMissing(EngineError):
+    """The model's weights are absent or broken: the effects that need it are unavailable."""
+
+
+class OutOfMemory(EngineError):
+    """The device ran out of memory even for a single image; the memory was freed."""
+
+
+@dataclass
+class ModelState:
+    name: str
+    directory: Path
+    status: ModelStatus = "loading"
+    detail: str = "loading"
+    model_id: str | None = None
+    load_seconds: float | None = None
+    resident_bytes: int | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "detail": self.detail,
+            "model_id": self.model_id,
+            "load_seconds": self.load_seconds,
+            "resident_bytes": self.resident_bytes,
+        }
+
+
+@dataclass
+class _MaskJob:
+    image: torch.Tensor
+    future: asyncio.Future[torch.Tensor] = field(repr=False)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("CUTOUT_DEVICE=cuda but no CUDA device is visible; use auto or cpu")
+    return torch.device(name)
+
+
+def read_model_id(directory: Path) -> str:
+    """A model's id comes from the manifest the weight scripts write beside the weights.
+
+    It names the exact weights (with a digest), so results made with other weights never
+    share a cache key with these.
+    """
+    manifest = directory / MANIFEST
+    try:
+        document = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelMissing(
+            f"no weights at {directory} (missing {MANIFEST}); run scripts/fetch_weights.py, "
+            "or scripts/make_test_weights.py for random test weights"
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise ModelMissing(f"unreadable {manifest}: {exc}") from exc
+    model_id = document.get("model_id") if isinstance(document, dict) else None
+    if not isinstance(model_id, str) or not model_id:
+        raise ModelMissing(f"{manifest} has no model_id")
+    return model_id
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        device: str,
+        models_dir: Path,
+        cutout_model: str,
+        diffusion_effects: Sequence[str] = (),
+        mask_batch_size: int = 8,
+        mask_batch_wait_ms: float = 5.0,
+        compile_model: bool = False,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.models_dir = models_dir
+        self.mask_batch_size = mask_batch_size
+        self.mask_batch_wait_s = mask_batch_wait_ms / 1000.0
+        self.compile_model = compile_model
+        self.states: dict[str, ModelState] = {CUTOUT: ModelState(CUTOUT, models_dir / cutout_model)}
+        for name in diffusion_effects:
+            self.states[name] = ModelState(name, models_dir / name)
+        for state in self.states.values():
+            try:
+                state.model_id = read_model_id(state.directory)
+            except ModelMissing as exc:
+                state.status, state.detail = "missing", str(exc)
+        self._cutout: CutoutModel | None = None
+        self._pipelines: dict[str, Any] = {}
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cutout-gpu")
+        self._diffusion = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cutout-diffusion")
+        self._mask_queue: asyncio.Queue[_MaskJob] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self.created_at = time.monotonic()
+        self.cold_start_seconds: float | None = None
+        self.batches_run = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Load every configured model (in parallel), run one warm forward each, then start serving."""
+        self._worker = asyncio.create_task(self._mask_worker(), name="cutout-mask-batcher")
+        loaders = [asyncio.to_thread(self._load, state) for state in self.states.values() if state.status == "loading"]
+        await asyncio.gather(*loaders)
+        await self.warmup()
+        self.cold_start_seconds = time.monotonic() - self.created_at
+        log.info(
+            "engine ready",
+            extra={"cold_start_s": round(self.cold_start_seconds, 3), "models": self.describe_models()},
+        )
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        self._gpu.shutdown(wait=True, cancel_futures=True)
+        self._diffusion.shutdown(wait=True, cancel_futures=True)
+
+    def _load(self, state: ModelState) -> None:
+        started = time.perf_counter()
+        try:
+            if state.name == CUTOUT:
+                from effects.inspyrenet import ModelLoadError, load_cutout_model
+
+                try:
+                    self._cutout = load_cutout_model(
+                        state.directory / "model.safetensors", self.device, self.dtype, compile_model=self.compile_model
+                    )
+                except ModelLoadError as exc:
+                    raise ModelMissing(str(exc)) from exc
+                state.resident_bytes = self._cutout.resident_bytes
+            else:
+                from effects.diffusion import PipelineUnavailable, load_pipeline
+
+                try:
+                    loaded = load_pipeline(state.name, state.directory, self.device, self.dtype)
+                except PipelineUnavailable as exc:
+                    raise ModelMissing(str(exc)) from exc
+                self._pipelines[state.name] = loaded
+                state.resident_bytes = loaded.resident_bytes
+        except ModelMissing as exc:
+            state.status, state.detail = "missing", str(exc)
+            log.error("model %s unavailable: %s", state.name, exc)
+            return
+        except Exception as exc:
+            # A broken model must not take the service down: the effects that need it are
+            # reported unavailable and everything else keeps working.
+            state.status, state.detail = "failed", f"{exc.__class__.__name__}: {exc}"
+            log.exception("model %s failed to load", state.name)
+            return
+        state.load_seconds = round(time.perf_counter() - started, 3)
+        state.detail = "loaded, warming up"
+        log.info(
+            "model loaded",
+            extra={"model": state.name, "load_s": state.load_seconds, "resident_bytes": state.resident_bytes},
+        )
+
+    async def warmup(self) -> dict[str, float]:
+        """One tiny real forward through every loaded model; returns milliseconds per model."""
+        timings: dict[str, float] = {}
+        for name, state in self.states.items():
+            if state.status in ("missing", "failed"):
+                continue
+            started = time.perf_counter()
+            try:
+                if name == CUTOUT:
+                    await self._warm_cutout()
+                else:
+                    from effects.diffusion import warm_pipeline
+
+                    loaded = self._pipelines[name]
+                    await asyncio.get_running_loop().run_in_executor(self._diffusion, warm_pipeline, loaded)
+            except Exception as exc:
+                state.status, state.detail = "failed", f"warm-up forward failed: {exc.__class__.__name__}: {exc}"
+                log.exception("model %s failed its warm-up forward", name)
+                continue
+            state.status, state.detail = "ready", "loaded and warm"
+            timings[name] = round((time.perf_counter() - started) * 1000.0, 2)
+        return timings
+
+    async def _warm_cutout(self) -> None:
+        model = self._require_cutout()
+        probe = torch.zeros((3, 64, 64), dtype=torch.uint8, device=self.device)
+        await self.mask(model.prepare(probe))
+
+    # ----------------------------------------------------------------- status
+
+    @property
+    def ready(self) -> bool:
+        return all(state.status == "ready" for state in self.states.values())
+
+    def describe_models(self) -> dict[str, dict[str, Any]]:
+        return {name: state.describe() for name, state in self.states.items()}
+
+    def model_id(self, model: str) -> str | None:
+        state = self.states.get(model)
+        return state.model_id if state is not None else None
+
+    def check_available(self, effect: Effect) -> None:
+        """Raise when an effect cannot run now: still loading, or its weights are absent."""
+        if effect.model is None:
+            return
+        model = CUTOUT if effect.model == CUTOUT else effect.name
+        self.check_model(model)
+
+    def check_model(self, model: str) -> None:
+        state = self.states.get(model)
+        if state is None:
+            raise ModelMissing(f"{model} is not configured on this service")
+        if state.status == "loading":
+            raise ModelNotReady(f"{model} is still loading (cold start); retry in a few seconds")
+        if state.status in ("missing", "failed"):
+            raise ModelMissing(f"{model} is unavailable: {state.detail}")
+
+    def is_available(self, effect: Effect) -> bool:
+        try:
+            self.check_available(effect)
+        except EngineError:
+            return False
+        return True
+
+    def _require_cutout(self) -> CutoutModel:
+        if self._cutout is None:
+            raise ModelMissing(f"{CUTOUT} is unavailable: {self.states[CUTOUT].detail}")
+        return self._cutout
+
+    # ----------------------------------------------------------------- tensor work (call from worker threads)
+
+    def upload(self, pixels: np.ndarray) -> torch.Tensor:
+        """(H, W, C) uint8 on the host → (C, H, W) uint8 on the device: the one upload."""
+        tensor = torch.from_numpy(pixels).permute(2, 0, 1)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.contiguous()
+
+    def prepare_mask_input(self, image: torch.Tensor) -> torch.Tensor:
+        return self._require_cutout().prepare(image[:3])
+
+    def render_background(
+        self, image: torch.Tensor, mask: torch.Tensor | None, background: Background, max_size: int
+    ) -> torch.Tensor:
+        """The uploaded image at output size with its background treated: (1, 4, h, w) float."""
+        height, width = output_size(image.shape[1], image.shape[2], max_size)
+        with torch.inference_mode():
+            pixels = image.unsqueeze(0).to(torch.float32).div_(255.0)
+            if (height, width) != (image.shape[1], image.shape[2]):
+                pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+            rgb = pixels[:, :3].clamp(0.0, 1.0)
+            source_alpha = pixels[:, 3:4].clamp(0.0, 1.0) if image.shape[0] == 4 else None
+            alpha = None
+            if mask is not None:
+                alpha = self._require_cutout().to_alpha(mask, height, width).to(torch.float32)
+            return compose(rgb, alpha, source_alpha, background)
+
+    def apply_classic(self, effect: Effect, image: torch.Tensor, params: EffectParams, seed: int) -> torch.Tensor:
+        if effect.apply is None:
+            raise ValueError(f"{effect.name} is not a classic effect")
+        with torch.inference_mode():
+            return effect.apply(image, params, seed)
+
+    def download(self, image: torch.Tensor) -> np.ndarray:
+        """(1, 4, h, w) float on the device → (h, w, 4) uint8 on the host: the one download."""
+        with torch.inference_mode():
+            quantised = image[0].clamp(0.0, 1.0).mul(255.0).round_().to(torch.uint8)
+            return np.ascontiguousarray(quantised.permute(1, 2, 0).cpu().numpy())
+
+    # ----------------------------------------------------------------- the GPU queue
+
+    async def mask(self, model_input: torch.Tensor) -> torch.Tensor:
+        """The subject probability map of one prepared image, computed in a micro-batch.
+
+        Returns a (1, 1, S, S) float tensor on the device, already quantised to 16 bits,
+        exactly as it is stored in and read back from the mask cache.
+        """
+        self._require_cutout()
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        await self._mask_queue.put(_MaskJob(model_input, future))
+        return await future
+
+    async def _mask_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._mask_queue.get()]
+            deadline = loop.time() + self.mask_batch_wait_s
+            while len(batch) < self.mask_batch_size:
+                try:
+                    batch.append(self._mask_queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await asyncio.sleep(min(remaining, 0.001))
+            jobs = [job for job in batch if not job.future.done()]
+            if not jobs:
+                continue
+            # Images of different aspect ratios can have different model input shapes.
+            groups: dict[tuple[int, ...], list[_MaskJob]] = {}
+            for job in jobs:
+                groups.setdefault(tuple(job.image.shape), []).append(job)
+            for group in groups.values():
+                try:
+                    results = await loop.run_in_executor(self._gpu, self._forward_split, [j.image for j in group])
+                except Exception as exc:
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(exc)
+                    continue
+                for job, result in zip(group, results, strict=True):
+                    if not job.future.done():
+                        job.future.set_result(result)
+
+    def _forward_split(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run a batch; on out-of-memory free what we can and retry it in halves."""
+        try:
+            return self._forward(images)
+        except torch.OutOfMemoryError as exc:
+            release_device_memory()
+            if len(images) == 1:
+                raise OutOfMemory("the GPU ran out of memory for this image; retry shortly") from exc
+            half = len(images) // 2
+            log.warning("out of memory on a batch of %d; retrying in halves", len(images))
+            return self._forward_split(images[:half]) + self._forward_split(images[half:])
+
+    def _forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        from effects.inspyrenet import dequantise_mask, quantise_mask
+
+        model = self._require_cutout()
+        batch = torch.stack(images)
+        probabilities = model.forward(batch)
+        self.batches_run += 1
+        return [dequantise_mask(quantise_mask(p.unsqueeze(0))) for p in probabilities]
+
+    async def diffuse(self, effect: Effect, image: torch.Tensor, params: EffectParams, seed: int) -> torch.Tensor:
+        """Run a diffusion effect, one job at a time on the diffusion thread."""
+        from effects.diffusion import run_diffusion
+
+        self.check_available(effect)
+        loaded = self._pipelines[effect.name]
+
+        def job() -> torch.Tensor:
+            try:
+                return run_diffusion(loaded, image, params, seed)
+            except torch.OutOfMemoryError as exc:
+                release_device_memory()
+                raise OutOfMemory(f"the GPU ran out of memory running {effect.name}; retry shortly") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._diffusion, job)
+
+
+def output_size(height: int, width: int, max_size: int) -> tuple[int, int]:
+    """Scale the long side down to `max_size`; never up."""
+    longest = max(height, width)
+    if longest <= max_size:
+        return height, width
+    scale = max_size / longest
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def release_device_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

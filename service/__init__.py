@@ -1,0 +1,1 @@
+"""Cutout: background removal and image effects over HTTP."""

@@ -1,0 +1,87 @@
+"""The app factory: settings in, a FastAPI app out, with everything built once in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from cache.store import LocalStore, ResultStore
+from effects.engine import Engine
+from service.errors import install_error_handlers
+from service.flow import Flow
+from service.routes import meta, process, results
+from service.settings import Settings, get_settings
+from service.upload import UploadLimitMiddleware
+
+log = logging.getLogger("cutout.app")
+
+
+def build_store(settings: Settings) -> ResultStore:
+    if settings.cache_backend == "gcs":
+        from cache.gcs import GcsStore
+
+        return GcsStore(bucket=settings.gcs_bucket, cdn_url=settings.cdn_url)
+    return LocalStore(settings.cache_dir, settings.public_url)
+
+
+def build_engine(settings: Settings) -> Engine:
+    return Engine(
+        device=settings.device,
+        models_dir=settings.models_dir,
+        cutout_model=settings.cutout_model,
+        diffusion_effects=settings.diffusion_effects,
+        mask_batch_size=settings.mask_batch_size,
+        mask_batch_wait_ms=settings.mask_batch_wait_ms,
+        compile_model=settings.compile_model,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = build_store(settings)
+        engine = build_engine(settings)
+        app.state.settings = settings
+        app.state.store = store
+        app.state.engine = engine
+        app.state.flow = Flow(engine, store, settings)
+        # Models load in the background so /health answers at once; /ready tells when they are warm.
+        loading = asyncio.create_task(engine.start(), name="cutout-model-loading")
+        app.state.loading = loading
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await engine.stop()
+            store.close()
+
+    app = FastAPI(
+        title="Cutout",
+        summary="Background removal and image effects for pet photos.",
+        version="1.0.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_error_handlers(app)
+    app.include_router(process.router)
+    app.include_router(results.router)
+    app.include_router(meta.router)
+    app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    # Added last, so it wraps everything: every answer, errors included, carries CORS headers.
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=["X-Cache", "ETag", "Content-Location", "Retry-After"],
+        max_age=600,
+    )
+    return app

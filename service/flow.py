@@ -1,0 +1,418 @@
+"""The request flow: hash → cache lookup → decode → mask → effects → encode → store.
+
+Routes parse the form into a `Recipe`-ready `ProcessRequest` and call `process`. Blocking
+work (hashing, decoding, tensor work, encoding, storage I/O) runs in worker threads, never on
+the event loop. A failure of the store never fails a request: the result is served uncached
+and the outcome is reported as `bypass`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from cache.keys import SHA256_HEX, Recipe, image_sha256, mask_object, result_object
+from cache.store import ResultStore, image_info
+from effects import EFFECTS
+from effects.background import Background
+from effects.base import Effect, EffectParams
+from effects.engine import CUTOUT, Engine, ModelMissing, ModelNotReady, OutOfMemory
+from service import imaging
+from service.errors import (
+    GpuOutOfMemory,
+    ImageNotCached,
+    InvalidParameter,
+    ModelUnavailable,
+    NotReady,
+    UnknownEffect,
+)
+from service.settings import Settings
+
+log = logging.getLogger("cutout.flow")
+
+CacheOutcome = Literal["hit", "miss", "bypass"]
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class ProcessRequest:
+    effects: tuple[str, ...]
+    background: Background
+    format: str
+    max_size: int
+    params: dict[str, EffectParams]
+    seed: int
+
+
+@dataclass
+class EffectResult:
+    effect: str
+    key: str
+    url: str
+    cache: CacheOutcome
+    content_type: str
+    width: int
+    height: int
+    size: int
+    data: bytes | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "key": self.key,
+            "cache": self.cache,
+            "width": self.width,
+            "height": self.height,
+            "content_type": self.content_type,
+            "bytes": self.size,
+        }
+
+
+@dataclass
+class ProcessOutcome:
+    image_sha256: str
+    results: dict[str, EffectResult]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------ parsing
+
+
+def parse_request(
+    *,
+    effects: str,
+    background: str,
+    output_format: str,
+    max_size: int | None,
+    params: str | None,
+    seed: int,
+    settings: Settings,
+) -> ProcessRequest:
+    """Validate every form field up front, with errors that say how to fix them."""
+    names = tuple(dict.fromkeys(name.strip().lower() for name in effects.split(",") if name.strip()))
+    if not names:
+        raise InvalidParameter(f"effects is empty; name one or more of: {', '.join(EFFECTS)}")
+    unknown = [name for name in names if name not in EFFECTS]
+    if unknown:
+        raise UnknownEffect(f"unknown effect {', '.join(unknown)}; valid effects are: {', '.join(EFFECTS)}")
+    try:
+        parsed_background = Background.parse(background)
+    except ValueError as exc:
+        raise InvalidParameter(str(exc)) from exc
+    fmt = output_format.strip().lower()
+    if fmt == "jpg":
+        fmt = "jpeg"
+    if fmt not in imaging.OUTPUT_FORMATS:
+        raise InvalidParameter(f"format {output_format!r} is not one of png, webp, jpeg")
+    if fmt == "jpeg" and parsed_background.kind == "transparent":
+        raise InvalidParameter(
+            "format=jpeg cannot keep a transparent background; use png or webp, or background=white|#rrggbb|blur"
+        )
+    if CUTOUT in names and parsed_background.kind == "none":
+        raise InvalidParameter(
+            "effect cutout removes the background but background=none keeps it; "
+            "use background=transparent, white, #rrggbb or blur"
+        )
+    size = settings.default_max_size if max_size is None else max_size
+    if not 64 <= size <= 4096:
+        raise InvalidParameter(f"max_size must be between 64 and 4096 pixels, got {size}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidParameter(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+    return ProcessRequest(
+        effects=names,
+        background=parsed_background,
+        format=fmt,
+        max_size=size,
+        params=parse_params(params, names),
+        seed=seed,
+    )
+
+
+def parse_params(raw: str | None, names: tuple[str, ...]) -> dict[str, EffectParams]:
+    given: Any = {}
+    if raw is not None and raw.strip():
+        try:
+            given = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise InvalidParameter(f"params is not valid JSON ({exc.msg} at position {exc.pos})") from exc
+    if not isinstance(given, dict):
+        raise InvalidParameter('params must be a JSON object like {"blackwhite": {"grain": 0.3}}')
+    stray = [name for name in given if name not in names]
+    if stray:
+        raise InvalidParameter(
+            f"params given for {', '.join(map(str, stray))}, which the request does not ask for; "
+            f"requested effects: {', '.join(names)}"
+        )
+    validated: dict[str, EffectParams] = {}
+    for name in names:
+        values = given.get(name, {})
+        if not isinstance(values, dict):
+            raise InvalidParameter(f"params.{name} must be a JSON object of that effect's parameters")
+        try:
+            validated[name] = EFFECTS[name].params.model_validate(values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"params.{name}.{'.'.join(str(p) for p in error['loc']) or name}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise InvalidParameter(problems) from exc
+    return validated
+
+
+def parse_image_sha256(value: str) -> str:
+    text = value.strip().lower()
+    if not SHA256_HEX.fullmatch(text):
+        raise InvalidParameter("image_sha256 must be the 64 hex digits of the photo's sha256")
+    return text
+
+
+# ------------------------------------------------------------------------ the flow
+
+
+class Flow:
+    """One request flow per app: the engine, the store and the settings it runs with."""
+
+    def __init__(self, engine: Engine, store: ResultStore, settings: Settings) -> None:
+        self.engine = engine
+        self.store = store
+        self.settings = settings
+        self.cache_counts: dict[CacheOutcome, int] = {"hit": 0, "miss": 0, "bypass": 0}
+        self.store_errors = 0
+
+    def recipe(self, image_hash: str, name: str, request: ProcessRequest) -> Recipe:
+        effect = EFFECTS[name]
+        model_ids = []
+        if request.background.needs_mask:
+            model_ids.append(self.engine.model_id(CUTOUT) or "unavailable")
+        if effect.kind == "diffusion":
+            model_ids.append(self.engine.model_id(name) or "unavailable")
+        return Recipe(
+            image_sha256=image_hash,
+            effect=name,
+            effect_version=effect.version,
+            model_id="+".join(model_ids) or None,
+            params=request.params[name].model_dump(mode="json"),
+            background=request.background.canonical(),
+            format=request.format,
+            max_size=request.max_size,
+            seed=request.seed,
+        )
+
+    def check_models(self, request: ProcessRequest, names: list[str]) -> None:
+        """Refuse before any work when a model the request needs cannot run now."""
+        try:
+            if request.background.needs_mask:
+                self.engine.check_model(CUTOUT)
+            for name in names:
+                self.engine.check_available(EFFECTS[name])
+        except ModelNotReady as exc:
+            raise NotReady(str(exc), retry_after=5) from exc
+        except ModelMissing as exc:
+            raise ModelUnavailable(str(exc), retry_after=60) from exc
+
+    async def lookup(self, image_hash: str, request: ProcessRequest, *, want_bytes: bool) -> dict[str, EffectResult]:
+        """Results already in the store, by effect name."""
+        found: dict[str, EffectResult] = {}
+        for name in request.effects:
+            recipe = self.recipe(image_hash, name, request)
+            if recipe.model_id is not None and "unavailable" in recipe.model_id:
+                continue  # no key can be derived without the model's id
+            key = recipe.result_key()
+            obj = result_object(key, request.format)
+            try:
+                data = await asyncio.to_thread(self.store.get, obj) if want_bytes else None
+                info = image_info(data) if data is not None else await asyncio.to_thread(self.store.lookup, obj)
+            except Exception as exc:
+                self._store_failed("lookup", obj, exc)
+                continue
+            if info is None:
+                continue
+            width, height, size = info
+            found[name] = EffectResult(
+                effect=name,
+                key=key,
+                url=self.store.result_url(key, request.format),
+                cache="hit",
+                content_type=imaging.OUTPUT_FORMATS[request.format],
+                width=width,
+                height=height,
+                size=size,
+                data=data,
+            )
+        return found
+
+    async def from_hash(self, image_hash: str, request: ProcessRequest, *, want_bytes: bool) -> ProcessOutcome:
+        """Hash-first: answer from the store alone, or tell the client to upload the photo."""
+        started = time.perf_counter()
+        found = await self.lookup(image_hash, request, want_bytes=want_bytes)
+        missing = [name for name in request.effects if name not in found]
+        if missing:
+            raise ImageNotCached(
+                f"no stored result for {', '.join(missing)} of image {image_hash}; upload the photo in `image`"
+            )
+        self._count(found.values())
+        return ProcessOutcome(image_hash, found, {"total": _ms_since(started)})
+
+    async def process(self, upload: bytes, request: ProcessRequest, *, want_bytes: bool = False) -> ProcessOutcome:
+        started = time.perf_counter()
+        timings: dict[str, float] = {}
+        image_hash = await asyncio.to_thread(image_sha256, upload)
+        results = await self.lookup(image_hash, request, want_bytes=want_bytes)
+        missing = [name for name in request.effects if name not in results]
+        if missing:
+            self.check_models(request, missing)
+            results.update(await self._compute(upload, image_hash, request, missing, timings))
+        timings["total"] = _ms_since(started)
+        self._count(results.values())
+        return ProcessOutcome(image_hash, {name: results[name] for name in request.effects}, timings)
+
+    async def _compute(
+        self, upload: bytes, image_hash: str, request: ProcessRequest, names: list[str], timings: dict[str, float]
+    ) -> dict[str, EffectResult]:
+        engine = self.engine
+        clock = time.perf_counter()
+        decoded = await asyncio.to_thread(imaging.decode, upload, self.settings.max_pixels)
+        image = await asyncio.to_thread(engine.upload, decoded.pixels)
+        timings["decode"] = _ms_since(clock)
+
+        clock = time.perf_counter()
+        mask_store: asyncio.Task[None] | None = None
+        mask = None
+        if request.background.needs_mask:
+            mask, mask_store = await self._mask(image_hash, image)
+        timings["mask"] = _ms_since(clock)
+
+        clock = time.perf_counter()
+        base = await asyncio.to_thread(
+            engine.render_background, image, mask, request.background, request.max_size
+        )
+        del image
+        timings["background"] = _ms_since(clock)
+
+        effect_ms: list[float] = []
+        encode_ms: list[float] = []
+        store_ms: list[float] = []
+
+        async def one(name: str) -> EffectResult:
+            effect = EFFECTS[name]
+            clock = time.perf_counter()
+            try:
+                rendered = await self._apply(effect, base, request)
+            except OutOfMemory as exc:
+                raise GpuOutOfMemory(str(exc), retry_after=5) from exc
+            pixels = await asyncio.to_thread(engine.download, rendered)
+            del rendered
+            effect_ms.append(_ms_since(clock))
+            clock = time.perf_counter()
+            data = await asyncio.to_thread(imaging.encode, pixels, request.format, self.settings.png_compress_level)
+            encode_ms.append(_ms_since(clock))
+            key = self.recipe(image_hash, name, request).result_key()
+            clock = time.perf_counter()
+            outcome = await self._store(result_object(key, request.format), data, imaging.OUTPUT_FORMATS[request.format])
+            store_ms.append(_ms_since(clock))
+            return EffectResult(
+                effect=name,
+                key=key,
+                url=self.store.result_url(key, request.format),
+                cache=outcome,
+                content_type=imaging.OUTPUT_FORMATS[request.format],
+                width=int(pixels.shape[1]),
+                height=int(pixels.shape[0]),
+                size=len(data),
+                data=data,
+            )
+
+        computed = await asyncio.gather(*(one(name) for name in names))
+        if mask_store is not None:
+            await mask_store
+        timings["effects"] = round(sum(effect_ms), 2)
+        timings["encode"] = round(sum(encode_ms), 2)
+        timings["store"] = round(sum(store_ms), 2)
+        return {result.effect: result for result in computed}
+
+    async def _apply(self, effect: Effect, image: torch.Tensor, request: ProcessRequest) -> torch.Tensor:
+        params = request.params[effect.name]
+        if effect.kind == "classic":
+            return await asyncio.to_thread(self.engine.apply_classic, effect, image, params, request.seed)
+        if effect.kind == "diffusion":
+            return await self.engine.diffuse(effect, image, params, request.seed)
+        return image  # cutout: the background step did the work
+
+    async def _mask(self, image_hash: str, image: torch.Tensor) -> tuple[torch.Tensor, asyncio.Task[None] | None]:
+        """The subject mask: from the mask cache, or from the model (then cached)."""
+        from effects.inspyrenet import dequantise_mask, quantise_mask
+
+        model_id = self.engine.model_id(CUTOUT) or "unavailable"
+        name = mask_object(image_hash, model_id)
+        try:
+            stored = await asyncio.to_thread(self.store.get, name)
+        except Exception as exc:
+            self._store_failed("mask lookup", name, exc)
+            stored = None
+        if stored is not None:
+            quantised = await asyncio.to_thread(_decode_mask, stored)
+            if quantised is not None:
+                mask = dequantise_mask(quantised.to(self.engine.device))
+                return mask, None
+        model_input = await asyncio.to_thread(self.engine.prepare_mask_input, image)
+        try:
+            mask = await self.engine.mask(model_input)
+        except OutOfMemory as exc:
+            raise GpuOutOfMemory(str(exc), retry_after=5) from exc
+        except ModelMissing as exc:
+            raise ModelUnavailable(str(exc), retry_after=60) from exc
+        data = await asyncio.to_thread(_encode_mask, quantise_mask(mask))
+        return mask, asyncio.create_task(self._store_quietly(name, data, "image/png"))
+
+    async def _store(self, name: str, data: bytes, content_type: str) -> CacheOutcome:
+        try:
+            await asyncio.to_thread(self.store.put, name, data, content_type)
+        except Exception as exc:
+            self._store_failed("write", name, exc)
+            return "bypass"
+        return "miss"
+
+    async def _store_quietly(self, name: str, data: bytes, content_type: str) -> None:
+        await self._store(name, data, content_type)
+
+    def _store_failed(self, action: str, name: str, exc: Exception) -> None:
+        # The cache is an optimisation: its failure is logged and counted, never answered.
+        self.store_errors += 1
+        log.warning("result store %s failed for %s: %s: %s", action, name, exc.__class__.__name__, exc)
+
+    def _count(self, results: Any) -> None:
+        for result in results:
+            self.cache_counts[result.cache] += 1
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 2)
+
+
+def _encode_mask(quantised: torch.Tensor) -> bytes:
+    """A (1, 1, S, S) uint16 mask → 16-bit greyscale PNG (lossless)."""
+    array = quantised.reshape(quantised.shape[-2], quantised.shape[-1]).cpu().numpy().astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _decode_mask(data: bytes) -> torch.Tensor | None:
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            array = np.asarray(image).astype(np.int32)
+    except (OSError, ValueError):
+        return None
+    if array.ndim != 2:
+        return None
+    return torch.from_numpy(array).view(1, 1, *array.shape)

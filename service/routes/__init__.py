@@ -1,0 +1,1 @@
+"""HTTP routes: each parses, calls the request flow, and shapes the answer."""
