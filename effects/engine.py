@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -279,7 +280,10 @@ class Engine:
 
     def upload(self, pixels: np.ndarray) -> torch.Tensor:
         """(H, W, C) uint8 on the host → (C, H, W) uint8 on the device: the one upload."""
-        tensor = torch.from_numpy(pixels).permute(2, 0, 1)
+        with warnings.catch_warnings():
+            # Decoded pixels are read-only views; they are only ever copied from, never written.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            tensor = torch.from_numpy(pixels).permute(2, 0, 1)
         if self.device.type == "cuda":
             return tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.contiguous()
@@ -295,7 +299,9 @@ class Engine:
         with torch.inference_mode():
             pixels = image.unsqueeze(0).to(torch.float32).div_(255.0)
             if (height, width) != (image.shape[1], image.shape[2]):
-                pixels = F.interpolate(pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+                pixels = F.interpolate(
+                    pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+                )
             rgb = pixels[:, :3].clamp(0.0, 1.0)
             source_alpha = pixels[:, 3:4].clamp(0.0, 1.0) if image.shape[0] == 4 else None
             alpha = None
@@ -385,10 +391,12 @@ class Engine:
 
     async def diffuse(self, effect: Effect, image: torch.Tensor, params: EffectParams, seed: int) -> torch.Tensor:
         """Run a diffusion effect, one job at a time on the diffusion thread."""
-        from effects.diffusion import run_diffusion
+        from effects.diffusion import DiffusionParams, run_diffusion
 
         self.check_available(effect)
         loaded = self._pipelines[effect.name]
+        if not isinstance(params, DiffusionParams):
+            raise TypeError(f"{effect.name} expects diffusion parameters, got {type(params).__name__}")
 
         def job() -> torch.Tensor:
             try:

@@ -146,6 +146,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI wraps failures while reading the form (such as the upload guard's limit,
+        # raised from inside the body stream) in a generic 400: answer the real cause.
+        cause = exc.__cause__
+        if isinstance(cause, CutoutError):
+            return error_response(cause.status_code, cause.code, cause.detail, cause.retry_after)
         code = _STATUS_CODES.get(exc.status_code, "error")
         detail = exc.detail if isinstance(exc.detail, str) else "request failed"
         if exc.status_code == 404 and detail == "Not Found":

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,9 +22,10 @@ from service.errors import ImageTooLarge, InvalidParameter, UnsupportedImage
 log = logging.getLogger("cutout.imaging")
 
 pillow_heif.register_heif_opener()
-# Pixel bombs are refused against the configured limit before decoding (see `decode`);
-# Pillow's own guard stays on as a second line for anything that slips past.
-warnings.simplefilter("error", Image.DecompressionBombWarning)
+# Pixel bombs are refused against the configured limit from the header, before any pixel is
+# decoded (see `decode`); Pillow's fixed global guard would refuse them earlier but with a limit
+# that is not ours, so it is switched off in favour of the setting.
+Image.MAX_IMAGE_PIXELS = None
 
 SUPPORTED = "JPEG, PNG, WebP, GIF or HEIC/HEIF"
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
@@ -56,7 +56,7 @@ class DecodedImage:
 
     @property
     def has_alpha(self) -> bool:
-        return self.pixels.shape[2] == 4
+        return bool(self.pixels.shape[2] == 4)
 
     @property
     def width(self) -> int:
@@ -75,20 +75,19 @@ def decode(data: bytes, max_pixels: int) -> DecodedImage:
     if image_format is None:
         raise UnsupportedImage(f"the upload is not a supported image; send a {SUPPORTED} file")
     try:
-        image = Image.open(io.BytesIO(data), formats=[image_format])
-        width, height = image.size
+        opened = Image.open(io.BytesIO(data), formats=[image_format])
+        width, height = opened.size
         if width * height > max_pixels:
             raise ImageTooLarge(
                 f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}. "
                 "Resize it before uploading."
             )
-        image.seek(0)  # animations: the first frame
-        image.load()
-        image = _apply_orientation(image)
-        pixels = _to_8bit_array(image)
+        opened.seek(0)  # animations: the first frame
+        opened.load()
+        pixels = _to_8bit_array(_apply_orientation(opened))
     except (ImageTooLarge, UnsupportedImage):
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image has too many pixels to decode safely: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
         raise UnsupportedImage(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import threading
 from pathlib import Path
 
@@ -54,10 +55,11 @@ def test_same_recipe_same_key_and_every_field_changes_it() -> None:
 def test_empty_params_and_explicit_defaults_give_the_same_key(name: str) -> None:
     defaults = EFFECTS[name].params().model_dump(mode="json")
     empty = parse_params("{}", (name,))[name].model_dump(mode="json")
-    explicit = parse_params(f'{{"{name}": {__import__("json").dumps(defaults)}}}', (name,))[name].model_dump(mode="json")
-    assert dataclasses.replace(BASE, effect=name, params=empty).result_key() == dataclasses.replace(
-        BASE, effect=name, params=explicit
-    ).result_key()
+    explicit = parse_params(json.dumps({name: defaults}), (name,))[name].model_dump(mode="json")
+    assert (
+        dataclasses.replace(BASE, effect=name, params=empty).result_key()
+        == dataclasses.replace(BASE, effect=name, params=explicit).result_key()
+    )
 
 
 def test_object_names() -> None:

@@ -44,7 +44,9 @@ async def ready(engine: EngineDep) -> dict[str, Any] | JSONResponse:
     models = engine.describe_models()
     if engine.ready:
         return {"status": "ready", "cold_start_s": engine.cold_start_seconds, "models": models}
-    waiting = [f"{name} ({state['status']}: {state['detail']})" for name, state in models.items() if state["status"] != "ready"]
+    waiting = [
+        f"{name} ({state['status']}: {state['detail']})" for name, state in models.items() if state["status"] != "ready"
+    ]
     return JSONResponse(
         {"detail": "not ready: " + "; ".join(waiting), "code": "not_ready", "models": models},
         status_code=503,

@@ -24,7 +24,9 @@ async def _reject_unknown_fields(request: Request, allowed: frozenset[str]) -> N
     form = await request.form()  # parsed once; FastAPI reuses it for the fields below
     unknown = sorted(set(form.keys()) - allowed)
     if unknown:
-        raise MalformedRequest(f"unknown form field {', '.join(unknown)}; accepted fields: {', '.join(sorted(allowed))}")
+        raise MalformedRequest(
+            f"unknown form field {', '.join(unknown)}; accepted fields: {', '.join(sorted(allowed))}"
+        )
 
 
 async def process_fields(request: Request) -> None:
@@ -52,8 +54,13 @@ SeedField = Annotated[int, Form(description="Same seed, same bytes.")]
 
 
 async def _run(
-    flow: FlowDep, settings: SettingsDep, request: ProcessRequest, image: UploadFile | None, image_sha256: str | None,
-    *, want_bytes: bool,
+    flow: FlowDep,
+    settings: SettingsDep,
+    request: ProcessRequest,
+    image: UploadFile | None,
+    image_sha256: str | None,
+    *,
+    want_bytes: bool,
 ) -> Any:
     if image is not None and image_sha256 is not None:
         raise InvalidParameter("send either `image` (the photo) or `image_sha256` (a photo sent before), not both")
@@ -80,7 +87,12 @@ async def process(
 ) -> dict[str, Any]:
     """Process one photo with several effects; answers the result URLs."""
     request = parse_request(
-        effects=effects, background=background, output_format=format, max_size=max_size, params=params, seed=seed,
+        effects=effects,
+        background=background,
+        output_format=format,
+        max_size=max_size,
+        params=params,
+        seed=seed,
         settings=settings,
     )
     outcome = await _run(flow, settings, request, image, image_sha256, want_bytes=False)
@@ -106,8 +118,13 @@ async def apply_effect(
 ) -> Response:
     """Apply one effect to one photo; answers the image bytes."""
     request = parse_request(
-        effects=effect, background=background, output_format=format, max_size=max_size,
-        params=None if params is None else _wrap_params(effect, params), seed=seed, settings=settings,
+        effects=effect,
+        background=background,
+        output_format=format,
+        max_size=max_size,
+        params=None if params is None else _wrap_params(effect, params),
+        seed=seed,
+        settings=settings,
     )
     if len(request.effects) != 1:
         raise InvalidParameter("this route applies exactly one effect; use POST /v1/process for several")
