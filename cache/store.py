@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -45,8 +46,12 @@ class ResultStore(Protocol):
     def lookup(self, name: str) -> tuple[int, int, int] | None:
         """(width, height, bytes) of a stored result image, or None when absent."""
 
-    def put(self, name: str, data: bytes, content_type: str) -> None:
-        """Store an object unless a valid copy is already there (first writer wins)."""
+    def put(self, name: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None) -> None:
+        """Store an object unless a valid copy is already there (first writer wins).
+
+        `metadata` (a result's `width` and `height`) lets a store answer `lookup` without
+        reading the bytes; a store that reads them cheaply may ignore it.
+        """
 
     def result_url(self, result_key: str, extension: str) -> str: ...
 
@@ -91,8 +96,8 @@ class LocalStore:
         data = self.get(name)
         return image_info(data) if data is not None else None
 
-    def put(self, name: str, data: bytes, content_type: str) -> None:
-        del content_type  # the extension decides it when served
+    def put(self, name: str, data: bytes, content_type: str, metadata: Mapping[str, str] | None = None) -> None:
+        del content_type, metadata  # the extension decides the type when served; lookups read the header
         path = self._path(name)
         if self.get(name) is not None:
             return

@@ -25,7 +25,13 @@ def build_store(settings: Settings) -> ResultStore:
     if settings.cache_backend == "gcs":
         from cache.gcs import GcsStore
 
-        return GcsStore(bucket=settings.gcs_bucket, cdn_url=settings.cdn_url)
+        return GcsStore(
+            bucket=settings.gcs_bucket,
+            cdn_url=settings.cdn_url,
+            timeout_s=settings.gcs_timeout_s,
+            retry_deadline_s=settings.gcs_retry_deadline_s,
+            failure_cooldown_s=settings.gcs_failure_cooldown_s,
+        )
     return LocalStore(settings.cache_dir, settings.public_url)
 
 

@@ -318,7 +318,12 @@ class Flow:
             encode_ms.append(_ms_since(clock))
             key = self.recipe(image_hash, name, request).result_key()
             clock = time.perf_counter()
-            outcome = await self._store(result_object(key, request.format), data, imaging.OUTPUT_FORMATS[request.format])
+            outcome = await self._store(
+                result_object(key, request.format),
+                data,
+                imaging.OUTPUT_FORMATS[request.format],
+                {"width": str(pixels.shape[1]), "height": str(pixels.shape[0])},
+            )
             store_ms.append(_ms_since(clock))
             return EffectResult(
                 effect=name,
@@ -374,9 +379,11 @@ class Flow:
         data = await asyncio.to_thread(_encode_mask, quantise_mask(mask))
         return mask, asyncio.create_task(self._store_quietly(name, data, "image/png"))
 
-    async def _store(self, name: str, data: bytes, content_type: str) -> CacheOutcome:
+    async def _store(
+        self, name: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None
+    ) -> CacheOutcome:
         try:
-            await asyncio.to_thread(self.store.put, name, data, content_type)
+            await asyncio.to_thread(self.store.put, name, data, content_type, metadata)
         except Exception as exc:
             self._store_failed("write", name, exc)
             return "bypass"

@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     cache_dir: Path = Path("data/cache")
     gcs_bucket: str = ""
     cdn_url: str = ""
+    # A dead store must never hold requests up: each storage call has a short timeout, retries
+    # stop after a short deadline, and after a failure the store is skipped for a cool-down.
+    gcs_timeout_s: float = Field(default=10.0, gt=0.0, le=120.0)
+    gcs_retry_deadline_s: float = Field(default=2.0, ge=0.0, le=60.0)
+    gcs_failure_cooldown_s: float = Field(default=15.0, ge=0.0, le=600.0)
     public_url: str = "http://127.0.0.1:8080"
 
     # Upload limits and defaults.
