@@ -1,0 +1,43 @@
+# Production: scales to zero outside business hours, kept warm by the warmup job during them.
+# project_id, domain, billing_account_id, github_repository and the notification channels are yours
+# to fill in.
+project_id         = "cutout-production"
+environment        = "production"
+region             = "us-central1"
+domain             = "cutout.example.com"
+billing_account_id = "000000-000000-000000"
+github_repository  = "example-org/cutout"
+
+allowed_origins = ["https://example-store.myshopify.com", "https://www.example-store.com"]
+
+min_instances                 = 0
+max_instances                 = 4
+concurrency                   = 8
+request_timeout_s             = 300
+cpu                           = 8
+memory_gib                    = 32
+gpu_zonal_redundancy_disabled = false
+deletion_protection           = true
+
+result_retention_days = 30
+
+armor_rate_limit = {
+  count        = 120
+  interval_sec = 60
+}
+
+warmup_schedule  = "*/10 8-19 * * 1-5"
+warmup_time_zone = "America/New_York"
+warmup_paused    = false
+
+# projects/<project>/notificationChannels/<id> (create e-mail / Slack / PagerDuty channels first).
+notification_channel_ids = []
+monthly_budget_usd       = 1500
+
+alert_thresholds = {
+  p95_latency_ms         = 20000
+  error_ratio            = 0.02
+  instance_count         = 3
+  p95_startup_latency_ms = 180000
+  min_cache_hit_ratio    = 0.2
+}
