@@ -1,0 +1,674 @@
+"""Diffusion effects: pipelines loaded once at start-up, one job at a time, the cutout's alpha kept.
+
+Each diffusion effect (`upscale`, `enhance`, `comic`, `aged`) is a module holding its `Params`, its
+`EFFECT` registry entry and a `DiffusionSpec`: which diffusers pipeline runs it, its fixed prompt pair,
+its sampler and the largest image it works on. This module holds what they share:
+
+- `load_pipeline` reads one pipeline from its directory under `MODELS_DIR` (local safetensors only,
+  straight to the device, SDPA attention, no safety checker or watermarker) and embeds the effect's
+  fixed prompts once, so a job without a prompt addition never runs a text encoder.
+- `run_diffusion` runs one job: RGBA in, RGBA out, alpha carried around the pipeline, the same seed
+  giving the same bytes.
+- `resident_weight_bytes` is the GPU budget of a set of effects, computed from the production
+  architectures (the configs vendored under `effects/model_configs/`) on the `meta` device.
+
+diffusers and transformers are imported inside the functions that need them: importing them costs
+about four seconds, which the effect registry (and every classic-effect test) should not pay.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import logging
+import time
+import unicodedata
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Self
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+
+from effects.base import MODEL_BUILD_LOCK, EffectParams, check_rgba
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+logger = logging.getLogger(__name__)
+
+DIFFUSION_EFFECTS: tuple[str, ...] = ("upscale", "enhance", "comic", "aged")
+
+# Transparent pixels are flattened onto mid-grey before diffusion. Mid-grey is 0 in the [-1, 1]
+# space the VAE works in, the least informative input it can see: the model neither invents a
+# white studio backdrop nor a black void around the subject, and the half-transparent edge pixels
+# (whose colour comes back from the pipeline and is re-used under the original alpha) drift towards
+# a neutral tone that shows least on whatever background the customer composites onto later.
+NEUTRAL_BACKGROUND = 0.5
+
+# Every pipeline here needs sides divisible by 8 (the SD VAEs downsample by 8, the x4 upscaler's
+# UNet by 8 in pixel space); the image is padded up and the result cropped back.
+SIZE_MULTIPLE = 8
+
+PROMPT_ADDITION_MAX_CHARS = 120
+_PROMPT_PUNCTUATION = frozenset(" ,.'-!?&/")
+
+MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
+
+PipelineKind = Literal["upscale", "sd_img2img", "sdxl_img2img"]
+
+PIPELINE_CLASS_NAMES: dict[PipelineKind, str] = {
+    "upscale": "StableDiffusionUpscalePipeline",
+    "sd_img2img": "StableDiffusionImg2ImgPipeline",
+    "sdxl_img2img": "StableDiffusionXLImg2ImgPipeline",
+}
+
+
+class PipelineUnavailable(RuntimeError):
+    """A diffusion effect's pipeline cannot be loaded; that effect answers 503, the others keep working."""
+
+    def __init__(self, effect: str, reason: str) -> None:
+        super().__init__(f"diffusion effect {effect!r} is unavailable: {reason}")
+        self.effect = effect
+        self.reason = reason
+
+
+# --- Params ----------------------------------------------------------------------------------------
+
+
+def clean_prompt_addition(value: str | None) -> str | None:
+    """Collapse whitespace and refuse anything but words and plain punctuation: no control characters,
+    no brackets, colons or other prompt-weighting syntax (diffusers would read it as plain text anyway,
+    so refusing it tells the customer up front). The addition is appended to the effect's own prompt."""
+    if value is None:
+        return None
+    text = " ".join(value.split())
+    if not text:
+        return None
+    refused = sorted({ch for ch in text if not (ch.isalnum() or ch in _PROMPT_PUNCTUATION)})
+    if refused:
+        shown = " ".join(repr(ch) if unicodedata.category(ch)[0] != "C" else f"U+{ord(ch):04X}" for ch in refused)
+        raise ValueError(
+            f"prompt_addition may hold letters, digits, spaces and the punctuation , . ' - ! ? & / only; remove {shown}"
+        )
+    return text
+
+
+class DiffusionParams(EffectParams):
+    """What every diffusion effect accepts: the sampler's effort, the prompt's pull, an optional addition.
+
+    Each effect module re-declares `steps` and `guidance_scale` with its own defaults and bounds.
+    """
+
+    steps: int
+    guidance_scale: float
+    prompt_addition: str | None = Field(
+        default=None,
+        max_length=PROMPT_ADDITION_MAX_CHARS,
+        description=(
+            "Words appended to the effect's own prompt, e.g. 'red scarf, autumn light'. Letters, digits, spaces "
+            f"and plain punctuation, at most {PROMPT_ADDITION_MAX_CHARS} characters. Slower: the text encoder runs "
+            "for this request."
+        ),
+    )
+
+    @field_validator("prompt_addition")
+    @classmethod
+    def _clean_prompt_addition(cls, value: str | None) -> str | None:
+        return clean_prompt_addition(value)
+
+
+class Img2ImgParams(DiffusionParams):
+    """Image-to-image effects: `strength` of the re-drawing decides how many of `steps` actually run."""
+
+    strength: float
+
+    @model_validator(mode="after")
+    def _at_least_one_step(self) -> Self:
+        if int(self.steps * self.strength) < 1:
+            raise ValueError(
+                f"steps × strength must leave at least one denoising step, but {self.steps} × {self.strength} "
+                f"rounds down to 0; raise steps or strength"
+            )
+        return self
+
+
+class UpscaleParams(DiffusionParams):
+    """The upscaler also takes the noise level it adds to the low-resolution input."""
+
+    noise_level: int
+
+
+# --- Specs -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    """How the runner drives one diffusion effect.
+
+    `max_side` is the longest side the pipeline works on: for `upscale` the input is capped there (the
+    output is `scale` times the capped input); for image-to-image effects larger inputs are diffused at
+    that size and resized back, so the output always has the input's size. `scheduler` names the
+    diffusers scheduler class each job gets a fresh instance of (schedulers keep per-run state).
+    `vae_in_float32` keeps the VAE in float32 when the rest runs in half precision (the x4 upscaler's
+    decoder is unstable in fp16; a resident fp32 copy beats re-casting the shared VAE on every job).
+    """
+
+    effect: str
+    kind: PipelineKind
+    prompt: str
+    negative_prompt: str
+    scheduler: str
+    max_side: int
+    scale: int = 1
+    vae_in_float32: bool = False
+    vae_tiling: bool = False
+    aesthetic_score: float = 6.0
+    negative_aesthetic_score: float = 2.5
+
+    @property
+    def pipeline_class_name(self) -> str:
+        return PIPELINE_CLASS_NAMES[self.kind]
+
+    def working_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size the pipeline sees: the input scaled down (never up) to fit `max_side`."""
+        longest = max(height, width)
+        if longest <= self.max_side:
+            return height, width
+        factor = self.max_side / longest
+        return max(1, round(height * factor)), max(1, round(width * factor))
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size `run_diffusion` returns for an input of this size."""
+        if self.scale == 1:
+            return height, width
+        working_height, working_width = self.working_size(height, width)
+        return working_height * self.scale, working_width * self.scale
+
+
+@cache
+def _specs() -> dict[str, DiffusionSpec]:
+    # The effect modules import this one for `DiffusionSpec` and the Params bases, so the table is
+    # assembled on first use instead of at import time.
+    from effects import aged, comic, enhance, upscale
+
+    return {module.SPEC.effect: module.SPEC for module in (upscale, enhance, comic, aged)}
+
+
+def diffusion_spec(effect_name: str) -> DiffusionSpec:
+    """The spec of a diffusion effect, by name."""
+    specs = _specs()
+    if effect_name not in specs:
+        raise ValueError(f"{effect_name!r} is not a diffusion effect; diffusion effects are {', '.join(specs)}")
+    return specs[effect_name]
+
+
+# --- Loading ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PromptEmbeddings:
+    """A prompt pair run through the text encoder(s); `pooled_*` only for SDXL."""
+
+    prompt_embeds: torch.Tensor
+    negative_prompt_embeds: torch.Tensor
+    pooled_prompt_embeds: torch.Tensor | None = None
+    negative_pooled_prompt_embeds: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LoadedPipeline:
+    """A diffusion pipeline resident on its device, with its effect's fixed prompts already embedded.
+
+    The text encoders stay resident (about 0.25 GB for CLIP ViT-L, 0.7 GB for OpenCLIP ViT-H, 1.4 GB for
+    ViT-bigG in fp16) so that a request's `prompt_addition` can be encoded; requests without one reuse
+    `embeddings` and never touch them.
+    """
+
+    spec: DiffusionSpec
+    pipeline: DiffusionPipeline
+    device: torch.device
+    dtype: torch.dtype
+    embeddings: PromptEmbeddings
+    load_seconds: float
+    weight_bytes: int
+    cuda_allocated_delta: int | None
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes of weights this pipeline keeps on its device.
+
+        The parameter count, not the allocator delta: models load in parallel at start-up, so the
+        `cuda_allocated_delta` of one pipeline also catches whatever the others allocated meanwhile.
+        """
+        return self.weight_bytes
+
+
+def _disable_library_progress_bars() -> None:
+    # Loading otherwise prints tqdm bars for every component into the service's structured logs.
+    import diffusers.utils.logging as diffusers_logging
+    import transformers.utils.logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def _read_model_index(effect_name: str, directory: Path, expected_class: str) -> None:
+    if not directory.is_dir():
+        raise PipelineUnavailable(
+            effect_name,
+            f"no pipeline directory at {directory}; build the image with scripts/fetch_weights.py "
+            "(or scripts/make_test_weights.py for tests)",
+        )
+    index_path = directory / "model_index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise PipelineUnavailable(
+            effect_name, f"{index_path} is missing; the pipeline was not saved completely"
+        ) from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PipelineUnavailable(effect_name, f"cannot read {index_path}: {exc}") from exc
+    found_class = index.get("_class_name") if isinstance(index, dict) else None
+    if found_class != expected_class:
+        raise PipelineUnavailable(
+            effect_name, f"{directory} holds a {found_class!r} pipeline, expected {expected_class!r}"
+        )
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def _weight_bytes(pipeline: DiffusionPipeline) -> int:
+    return sum(_module_bytes(c) for c in pipeline.components.values() if isinstance(c, torch.nn.Module))
+
+
+def _use_sdpa(pipeline: DiffusionPipeline) -> None:
+    """Make every attention layer of the UNet and VAE use torch's scaled_dot_product_attention.
+
+    diffusers already picks `AttnProcessor2_0` under torch 2; this checks it and repairs it if a
+    saved config or a library default ever says otherwise.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    for name in ("unet", "vae"):
+        model = getattr(pipeline, name)
+        processors = model.attn_processors
+        if processors and not all(isinstance(p, AttnProcessor2_0) for p in processors.values()):
+            model.set_attn_processor(AttnProcessor2_0())
+
+
+def _encode_pair(pipeline: DiffusionPipeline, spec: DiffusionSpec, device: torch.device) -> PromptEmbeddings:
+    """Embed the effect's fixed prompt and negative prompt (classifier-free guidance needs both)."""
+    with torch.no_grad():
+        if spec.kind == "sdxl_img2img":
+            embeds, negative, pooled, negative_pooled = pipeline.encode_prompt(
+                prompt=spec.prompt,
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=True,
+                negative_prompt=spec.negative_prompt,
+            )
+            return PromptEmbeddings(embeds, negative, pooled, negative_pooled)
+        embeds, negative = pipeline.encode_prompt(spec.prompt, device, 1, True, spec.negative_prompt)
+        return PromptEmbeddings(embeds, negative)
+
+
+def _encode_with_addition(loaded: LoadedPipeline, addition: str) -> PromptEmbeddings:
+    """Embed `<effect prompt>, <addition>`; the negative side is the one embedded at load."""
+    prompt = f"{loaded.spec.prompt}, {addition}"
+    fixed = loaded.embeddings
+    with torch.no_grad():
+        if loaded.spec.kind == "sdxl_img2img":
+            embeds, _, pooled, _ = loaded.pipeline.encode_prompt(
+                prompt=prompt, device=loaded.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return PromptEmbeddings(embeds, fixed.negative_prompt_embeds, pooled, fixed.negative_pooled_prompt_embeds)
+        embeds, _ = loaded.pipeline.encode_prompt(prompt, loaded.device, 1, False)
+        return PromptEmbeddings(embeds, fixed.negative_prompt_embeds)
+
+
+def load_pipeline(effect_name: str, directory: Path, device: torch.device, dtype: torch.dtype) -> LoadedPipeline:
+    """Load one diffusion effect's pipeline from `directory` onto `device`, ready to serve.
+
+    Local files only, safetensors only, `dtype` weights placed straight on `device`; no safety checker
+    and no watermarker; SDPA attention; the fixed prompt pair embedded once. Logs one line with the
+    load time and resident memory. Raises `PipelineUnavailable` naming the effect and the problem when
+    the directory is missing, incomplete, of the wrong pipeline class or its files are broken.
+    """
+    spec = diffusion_spec(effect_name)
+    if device.type == "cpu" and dtype == torch.float16:
+        raise ValueError("float16 diffusion runs on CUDA only; load with dtype=torch.float32 on the CPU")
+    _read_model_index(effect_name, directory, spec.pipeline_class_name)
+
+    import diffusers
+    from safetensors import SafetensorError
+
+    _disable_library_progress_bars()
+    pipeline_class = getattr(diffusers, spec.pipeline_class_name)
+    options: dict[str, Any] = {}
+    if spec.kind == "sdxl_img2img":
+        options["add_watermarker"] = False
+    elif spec.kind == "sd_img2img":
+        options.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        options.update(safety_checker=None, feature_extractor=None, watermarker=None)
+
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    allocated_before = torch.cuda.memory_allocated(device) if on_cuda else 0
+    started = time.perf_counter()
+    try:
+        with MODEL_BUILD_LOCK:  # from_pretrained builds under a process-wide patch (see effects.base)
+            pipeline = pipeline_class.from_pretrained(
+                str(directory),
+                dtype=dtype,
+                use_safetensors=True,
+                local_files_only=True,
+                # Weights go from the safetensors files straight to the device, not through CPU copies.
+                device_map=device.type,
+                **options,
+            )
+        pipeline.to(device)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+        raise PipelineUnavailable(effect_name, f"cannot load {directory}: {type(exc).__name__}: {exc}") from exc
+
+    if spec.vae_in_float32 and dtype != torch.float32:
+        pipeline.vae.to(dtype=torch.float32)
+    if spec.vae_tiling:
+        # The x4 upscaler decodes a 512 px input into 2048 px: tiles bound the decoder's activations.
+        pipeline.vae.enable_tiling()
+    _use_sdpa(pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    embeddings = _encode_pair(pipeline, spec, device)
+
+    if on_cuda:
+        torch.cuda.synchronize(device)
+    load_seconds = time.perf_counter() - started
+    cuda_allocated_delta = torch.cuda.memory_allocated(device) - allocated_before if on_cuda else None
+    weight_bytes = _weight_bytes(pipeline)
+    loaded = LoadedPipeline(
+        spec=spec,
+        pipeline=pipeline,
+        device=device,
+        dtype=dtype,
+        embeddings=embeddings,
+        load_seconds=load_seconds,
+        weight_bytes=weight_bytes,
+        cuda_allocated_delta=cuda_allocated_delta,
+    )
+    logger.info(
+        "diffusion pipeline loaded: effect=%s pipeline=%s device=%s dtype=%s seconds=%.2f weight_bytes=%d "
+        "cuda_allocated_delta=%s attention=sdpa",
+        effect_name,
+        spec.pipeline_class_name,
+        device,
+        str(dtype).removeprefix("torch."),
+        load_seconds,
+        weight_bytes,
+        cuda_allocated_delta,
+        extra={
+            "effect": effect_name,
+            "pipeline": spec.pipeline_class_name,
+            "load_seconds": round(load_seconds, 3),
+            "weight_bytes": weight_bytes,
+            "cuda_allocated_delta_bytes": cuda_allocated_delta,
+        },
+    )
+    return loaded
+
+
+# --- Running ---------------------------------------------------------------------------------------
+
+
+def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
+    height, width = image.shape[-2:]
+    pad_bottom = -height % multiple
+    pad_right = -width % multiple
+    if pad_bottom == 0 and pad_right == 0:
+        return image
+    return F.pad(image, (0, pad_right, 0, pad_bottom), mode="replicate")
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == size:
+        return image
+    shrinking = size[0] < image.shape[-2] or size[1] < image.shape[-1]
+    resized = F.interpolate(image, size=size, mode="bicubic", align_corners=False, antialias=shrinking)
+    return resized.clamp(0.0, 1.0)
+
+
+def _job_pipeline(loaded: LoadedPipeline) -> DiffusionPipeline:
+    """A shallow copy of the pipeline with its own schedulers.
+
+    Schedulers keep per-run state (timesteps, step index, sigmas) and the pipeline object keeps the
+    running job's guidance scale and step count, so two jobs must never share either. The copy shares
+    every model (no weights are duplicated) and costs microseconds.
+    """
+    import diffusers
+
+    pipeline = loaded.pipeline
+    job = copy.copy(pipeline)
+    scheduler_class = getattr(diffusers, loaded.spec.scheduler)
+    job.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+    if loaded.spec.kind == "upscale":
+        job.low_res_scheduler = type(pipeline.low_res_scheduler).from_config(pipeline.low_res_scheduler.config)
+    return job
+
+
+def _pipeline_arguments(
+    loaded: LoadedPipeline, params: DiffusionParams, embeddings: PromptEmbeddings
+) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
+        "prompt_embeds": embeddings.prompt_embeds,
+        "negative_prompt_embeds": embeddings.negative_prompt_embeds,
+        "num_inference_steps": params.steps,
+        "guidance_scale": params.guidance_scale,
+        "output_type": "pt",
+    }
+    kind = loaded.spec.kind
+    if kind == "upscale":
+        if not isinstance(params, UpscaleParams):
+            raise TypeError(
+                f"{loaded.spec.effect} needs upscale params with a noise_level, got {type(params).__name__}"
+            )
+        arguments["noise_level"] = params.noise_level
+    else:
+        if not isinstance(params, Img2ImgParams):
+            raise TypeError(
+                f"{loaded.spec.effect} needs image-to-image params with a strength, got {type(params).__name__}"
+            )
+        arguments["strength"] = params.strength
+    if kind == "sdxl_img2img":
+        arguments.update(
+            pooled_prompt_embeds=embeddings.pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=embeddings.negative_pooled_prompt_embeds,
+            aesthetic_score=loaded.spec.aesthetic_score,
+            negative_aesthetic_score=loaded.spec.negative_aesthetic_score,
+        )
+    return arguments
+
+
+def warm_pipeline(loaded: LoadedPipeline) -> None:
+    """One tiny real job (64 px, one denoising step) through the UNet, the VAE and the scheduler.
+
+    Run once after loading (and by `/warmup`) so CUDA kernels and allocator pools exist before the
+    first customer's job; the result is thrown away.
+    """
+    arguments: dict[str, Any] = {
+        "prompt_embeds": loaded.embeddings.prompt_embeds,
+        "negative_prompt_embeds": loaded.embeddings.negative_prompt_embeds,
+        "num_inference_steps": 2,
+        "guidance_scale": 2.0,
+        "output_type": "pt",
+    }
+    if loaded.spec.kind == "upscale":
+        arguments["noise_level"] = 20
+    else:
+        arguments["strength"] = 0.5
+    if loaded.spec.kind == "sdxl_img2img":
+        arguments.update(
+            pooled_prompt_embeds=loaded.embeddings.pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=loaded.embeddings.negative_pooled_prompt_embeds,
+        )
+    probe = torch.full((1, 3, 64, 64), NEUTRAL_BACKGROUND, device=loaded.device)
+    generator = torch.Generator(device=loaded.device).manual_seed(0)
+    _job_pipeline(loaded)(image=probe, generator=generator, **arguments)
+    _synchronize(loaded.device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_diffusion(
+    loaded: LoadedPipeline,
+    image: torch.Tensor,
+    params: DiffusionParams,
+    seed: int,
+    timings: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """Run one diffusion job on a (1, 4, H, W) straight-alpha RGBA image in [0, 1].
+
+    Returns a (1, 4, H', W') float32 RGBA image on the pipeline's device: H', W' = 4 × the capped input
+    for `upscale` (alpha resized to match), the input's own size for image-to-image effects (alpha
+    untouched). The same seed gives the same bytes on the same device.
+
+    `timings`, when given, receives `prepare_ms`, `pipeline_ms` and `finish_ms`.
+
+    A CUDA out-of-memory error propagates as `torch.cuda.OutOfMemoryError`, re-raised without the
+    pipeline's frames (whose tensors would otherwise stay alive with the traceback) and after the
+    allocator's cache is released, so the caller can answer 503 and carry on.
+    """
+    check_rgba(image)
+    if image.shape[0] != 1:
+        raise ValueError(f"a diffusion job takes one image, got a batch of {image.shape[0]}")
+    out_of_memory: str | None = None
+    try:
+        return _run(loaded, image, params, seed, timings)
+    except torch.cuda.OutOfMemoryError as exc:
+        out_of_memory = str(exc)
+    # Outside the `except` block the original exception and its traceback are gone, so the job's
+    # tensors can be collected before the cache is emptied.
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    raise torch.cuda.OutOfMemoryError(f"{loaded.spec.effect}: {out_of_memory}")
+
+
+def _run(
+    loaded: LoadedPipeline,
+    image: torch.Tensor,
+    params: DiffusionParams,
+    seed: int,
+    timings: dict[str, float] | None,
+) -> torch.Tensor:
+    spec = loaded.spec
+    device = loaded.device
+    started = time.perf_counter()
+
+    rgba = image.to(device=device, dtype=torch.float32)
+    alpha = rgba[:, 3:4]
+    rgb = rgba[:, :3] * alpha + NEUTRAL_BACKGROUND * (1.0 - alpha)
+    height, width = rgb.shape[-2:]
+    working_height, working_width = spec.working_size(height, width)
+    working = _pad_to_multiple(_resize(rgb, (working_height, working_width)), SIZE_MULTIPLE)
+
+    embeddings = loaded.embeddings
+    if params.prompt_addition is not None:
+        embeddings = _encode_with_addition(loaded, params.prompt_addition)
+    arguments = _pipeline_arguments(loaded, params, embeddings)
+    job = _job_pipeline(loaded)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    if timings is not None:
+        _synchronize(device)
+        prepared = time.perf_counter()
+
+    result = job(image=working, generator=generator, **arguments).images
+    del job, working, arguments
+    if timings is not None:
+        _synchronize(device)
+        diffused = time.perf_counter()
+
+    output_height, output_width = working_height * spec.scale, working_width * spec.scale
+    rgb_out = result[:, :, :output_height, :output_width].to(torch.float32)
+    if spec.scale == 1:
+        rgb_out = _resize(rgb_out, (height, width))
+        alpha_out = alpha
+    else:
+        # Resized from the original alpha, not the capped one, so a capped input loses no edge detail.
+        alpha_out = _resize(alpha, (output_height, output_width))
+    output = torch.cat([rgb_out, alpha_out], dim=1).contiguous()
+
+    if timings is not None:
+        _synchronize(device)
+        finished = time.perf_counter()
+        timings["prepare_ms"] = (prepared - started) * 1000
+        timings["pipeline_ms"] = (diffused - prepared) * 1000
+        timings["finish_ms"] = (finished - diffused) * 1000
+    return output
+
+
+# --- GPU budget ------------------------------------------------------------------------------------
+
+
+def _meta_model(component: str, config: dict[str, Any]) -> torch.nn.Module:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    model: torch.nn.Module
+    # Built on the meta device: shapes only, no memory, no random initialisation.
+    with torch.device("meta"):
+        if component == "unet":
+            model = UNet2DConditionModel.from_config(config)
+        elif component == "vae":
+            model = AutoencoderKL.from_config(config)
+        elif component == "text_encoder":
+            model = CLIPTextModel(CLIPTextConfig(**config))
+        elif component == "text_encoder_2":
+            model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+        else:
+            raise ValueError(f"no model class for component {component!r}")
+    return model
+
+
+@cache
+def component_parameter_counts(effect_name: str) -> dict[str, int]:
+    """Parameters (and buffers) of each model of an effect's production pipeline, e.g. {'unet': 859520964, ...}."""
+    diffusion_spec(effect_name)
+    directory = MODEL_CONFIGS_DIR / effect_name
+    counts: dict[str, int] = {}
+    for path in sorted(directory.glob("*.json")):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        model = _meta_model(path.stem, config)
+        counts[path.stem] = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    if "unet" not in counts or "vae" not in counts:
+        raise FileNotFoundError(f"{directory} must hold unet.json and vae.json of the production pipeline")
+    return counts
+
+
+def resident_weight_bytes(
+    effect_names: list[str] | tuple[str, ...], dtype: torch.dtype = torch.float16
+) -> dict[str, int]:
+    """Bytes of weights each effect keeps resident on the GPU when loaded in `dtype`.
+
+    Computed from the production architectures (vendored configs, `meta` device), counting every
+    model `load_pipeline` keeps: UNet, VAE (float32 where the spec keeps it so) and text encoder(s).
+    """
+    element_size = torch.empty((), dtype=dtype).element_size()
+    sizes: dict[str, int] = {}
+    for name in effect_names:
+        spec = diffusion_spec(name)
+        total = 0
+        for component, count in component_parameter_counts(name).items():
+            size = 4 if component == "vae" and spec.vae_in_float32 else element_size
+            total += count * size
+        sizes[name] = total
+    return sizes
