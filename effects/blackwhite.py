@@ -152,23 +152,23 @@ def apply(image: torch.Tensor, params: Params, seed: int) -> torch.Tensor:
         glow *= params.halation * 1.6 / (1.0 - HALATION_THRESHOLD)
         base -= upsample(glow, coarse, half_mean.shape[-2:]) / gain
 
-    toned = upsample(base, 2, size)
-    toned.mul_(-1.0).add_(luma, alpha=1.0 + fine + wide)
+    # toned = gain * ((1 + s + c) L - base - black): one upsample and one multiply-add at full size.
+    toned = upsample((base + black) * -gain, 2, size)
+    toned.addcmul_(luma, gain * (1.0 + fine + wide))
     del luma, base
-    toned.sub_(black).mul_(gain).clamp_(0.0, 1.0)
+    toned.clamp_(0.0, 1.0)
 
-    # S-curve y = x + c * x (1 - x) (2x - 1): monotonic for c <= 1, fixed at 0, 1/2 and 1.
+    # S-curve y = x + c (2x - 1) x (1 - x): monotonic for c <= 1, fixed at 0, 1/2 and 1.
     if params.contrast > 0.0:
         spread = torch.addcmul(toned, toned, toned, value=-1.0)  # x (1 - x)
-        cubic = spread * toned  # x^2 (1 - x)
-        toned.add_(cubic, alpha=2.0 * params.contrast).sub_(spread, alpha=params.contrast)
-        del spread, cubic
+        toned.addcmul_(toned, spread, value=2.0 * params.contrast).sub_(spread, alpha=params.contrast)
+        del spread
 
     if params.grain > 0.0:
         # Grain peaks in the midtones: amplitude ~ x (1 - x), with a floor so highlights keep some.
         envelope = torch.addcmul(toned, toned, toned, value=-1.0).add_(0.04)
-        envelope.mul_(_grain(image, params, seed)).mul_(params.grain * 0.22)
-        toned.add_(envelope)
+        envelope.mul_(_grain(image, params, seed))
+        toned.add_(envelope, alpha=params.grain * 0.22)
         del envelope
 
     return assemble((toned, toned, toned), image)

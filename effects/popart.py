@@ -23,7 +23,6 @@ from pydantic import Field
 from effects._tensor import (
     EMPTY_COVERAGE,
     area_down,
-    hex_palette,
     mix_channels,
     pool_factor,
     upsample,
@@ -32,6 +31,7 @@ from effects._tensor import (
 )
 from effects.base import Effect, EffectParams, check_rgba
 
+Colour = tuple[float, float, float]
 PaletteName = Literal["marilyn", "electric", "candy", "citrus"]
 
 # Six colours per palette, darkest (the ink) to lightest, plus the panel background.
@@ -74,7 +74,7 @@ class Params(EffectParams):
         default=0.3, ge=0.0, le=1.0, description="Fine detail kept inside the flat shapes (0 = smoothest poster)."
     )
     balance: float = Field(
-        default=0.6,
+        default=0.8,
         ge=0.0,
         le=1.0,
         description="How far band edges follow the subject's own tones (1 = equal areas per colour, "
@@ -83,7 +83,11 @@ class Params(EffectParams):
 
 
 def _poster_luma(rgba: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smoothed, detail-blended luminance (N, 1, H, W) and the band thresholds (N, levels - 1)."""
+    """Smoothed, detail-blended luminance (N, 1, H, W) and the band thresholds (N, levels - 1).
+
+    Both are scaled by 1 / EDGE_SOFTNESS and the thresholds shifted by -1/2, so a band's
+    anti-aliased step is clamp(poster - threshold, 0, 1).
+    """
     height, width = rgba.shape[-2:]
     alpha = rgba[:, 3:4]
     luma = mix_channels(rgba[:, :3], REC709)
@@ -102,31 +106,36 @@ def _poster_luma(rgba: torch.Tensor, params: Params) -> tuple[torch.Tensor, torc
     even = torch.stack([low + span * step for step in steps], dim=1)
     thresholds = torch.lerp(even, torch.stack(equal_area, dim=1), params.balance)
 
-    # luma <- detail * luma + (1 - detail) * smooth, in place on the full-resolution plane.
-    poster = upsample(smooth, factor, (height, width)).mul_(1.0 - params.detail)
-    poster.add_(luma, alpha=params.detail)
-    return poster, thresholds
+    # poster = detail * luma + (1 - detail) * smooth, in units of the band-edge width so that
+    # painting a band edge is one subtraction and a clamp.
+    scale = 1.0 / EDGE_SOFTNESS
+    poster = upsample(smooth * ((1.0 - params.detail) * scale), factor, (height, width))
+    poster.add_(luma, alpha=params.detail * scale)
+    return poster, thresholds * scale - 0.5
 
 
-def _paint(poster: torch.Tensor, thresholds: torch.Tensor, palette: torch.Tensor, out: torch.Tensor) -> None:
+def _paint(poster: torch.Tensor, thresholds: torch.Tensor, palette: list[Colour], out: torch.Tensor) -> None:
     """Write the banded colours of `poster` into `out` (N, 3, h, w): ink plus anti-aliased steps."""
     for channel in range(3):
-        out[:, channel].fill_(float(palette[0, channel]))
+        out[:, channel].fill_(palette[0][channel])
     step = torch.empty_like(poster)
-    for band in range(1, palette.shape[0]):
+    for band in range(1, len(palette)):
         edge = thresholds[:, band - 1].view(-1, 1, 1, 1)
-        torch.sub(poster, edge, out=step)
-        step.mul_(1.0 / EDGE_SOFTNESS).add_(0.5).clamp_(0.0, 1.0)
+        torch.sub(poster, edge, out=step).clamp_(0.0, 1.0)
         for channel in range(3):
-            delta = float(palette[band, channel] - palette[band - 1, channel])
+            delta = palette[band][channel] - palette[band - 1][channel]
             if delta != 0.0:
                 out[:, channel : channel + 1].add_(step, alpha=delta)
 
 
-def _palette(name: str, levels: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rgb(code: str) -> Colour:
+    return (int(code[1:3], 16) / 255.0, int(code[3:5], 16) / 255.0, int(code[5:7], 16) / 255.0)
+
+
+def _palette(name: str, levels: int) -> tuple[list[Colour], Colour]:
+    """The band colours (darkest first) and the panel background, as plain floats (no device syncs)."""
     colours, background = PALETTES[name]
-    chosen = [colours[index] for index in BAND_COLOURS[levels]]
-    return hex_palette(chosen, like), hex_palette([background], like)[0]
+    return [_rgb(colours[index]) for index in BAND_COLOURS[levels]], _rgb(background)
 
 
 def _half_size(image: torch.Tensor) -> torch.Tensor:
@@ -151,7 +160,7 @@ def apply(image: torch.Tensor, params: Params, seed: int) -> torch.Tensor:
 
     if not params.grid:
         poster, thresholds = _poster_luma(image, params)
-        palette, _ = _palette(params.palette, params.levels, image)
+        palette, _ = _palette(params.palette, params.levels)
         _paint(poster, thresholds, palette, out[:, :3])
     else:
         # Panels are the image at half size; with odd sizes the bottom/right ones lose a row/column.
@@ -164,10 +173,11 @@ def apply(image: torch.Tensor, params: Params, seed: int) -> torch.Tensor:
         corners = ((0, 0), (0, left), (top, 0), (top, left))
         painted = torch.empty_like(panel[:, :3])
         for name, (row, col) in zip(names, corners, strict=True):
-            palette, background = _palette(name, params.levels, image)
+            palette, background = _palette(name, params.levels)
             _paint(poster, thresholds, palette, painted)
             # Flatten the subject onto the panel's own background colour.
-            flat = torch.lerp(background.view(1, 3, 1, 1).expand_as(painted), painted, panel_alpha)
+            backdrop = torch.tensor(background, dtype=image.dtype, device=image.device).view(1, 3, 1, 1)
+            flat = painted.sub_(backdrop).mul_(panel_alpha).add_(backdrop)
             rows, cols = min(panel.shape[-2], height - row), min(panel.shape[-1], width - col)
             out[:, :3, row : row + rows, col : col + cols] = flat[..., :rows, :cols]
 

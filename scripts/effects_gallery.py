@@ -35,7 +35,16 @@ def _ellipse_mask(xx: np.ndarray, yy: np.ndarray, cx: float, cy: float, rx: floa
     return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
 
 
-def synthetic_pet(width: int, height: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+# Coat colours (main coat, ear tips): ginger, a near-black coat (hard for any effect's tones),
+# and a silver tabby grey.
+COATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "ginger": ((0.78, 0.50, 0.26), (0.35, 0.20, 0.12)),
+    "black": ((0.16, 0.14, 0.13), (0.08, 0.07, 0.07)),
+    "grey": ((0.55, 0.55, 0.56), (0.25, 0.25, 0.26)),
+}
+
+
+def synthetic_pet(width: int, height: int, seed: int = 0, coat: str = "ginger") -> tuple[np.ndarray, np.ndarray]:
     """A drawn pet portrait: (cutout RGBA uint8, opaque RGB uint8), both (height, width, C)."""
     rng = np.random.default_rng(seed)
     s = min(width, height) / 768.0  # drawing unit: everything is laid out on a 1024 x 768 canvas
@@ -72,22 +81,22 @@ def synthetic_pet(width: int, height: int, seed: int = 0) -> tuple[np.ndarray, n
     ears = np.asarray(ears_img) > 0
     silhouette = head | body | ears
 
-    # Base coat: ginger with a white blaze, muzzle and chest; darker ear tips; pink inner ears.
-    ginger = np.array([0.78, 0.50, 0.26], dtype=np.float32)
+    # Base coat with a white blaze, muzzle and chest; darker ear tips; pink inner ears.
+    main_colour, tip_colour = COATS[coat]
     cream = np.array([0.95, 0.91, 0.85], dtype=np.float32)
-    dark = np.array([0.35, 0.20, 0.12], dtype=np.float32)
-    coat = np.broadcast_to(ginger, (height, width, 3)).copy()
+    dark = np.array(tip_colour, dtype=np.float32)
+    fur_colour = np.broadcast_to(np.array(main_colour, dtype=np.float32), (height, width, 3)).copy()
     blaze = np.exp(-(((xx - cx) / (45 * s)) ** 2)) * (yy > cy - 170 * s) * (yy < cy + 60 * s)
     muzzle = _ellipse_mask(xx, yy, cx, cy + 95 * s, 120 * s, 85 * s).astype(np.float32)
     chest = _ellipse_mask(xx, yy, cx, cy + 380 * s, 150 * s, 220 * s).astype(np.float32)
     white_amount = np.clip(blaze + muzzle + chest, 0, 1)[..., None]
     white_img = Image.fromarray((white_amount[..., 0] * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(12 * s))
     white_amount = np.asarray(white_img, dtype=np.float32)[..., None] / 255.0
-    coat = coat * (1 - white_amount) + cream * white_amount
+    fur_colour = fur_colour * (1 - white_amount) + cream * white_amount
     ear_tip = (ears & (yy < cy - 200 * s)).astype(np.float32)
     ear_tip_img = Image.fromarray((ear_tip * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(20 * s))
     ear_tip = np.asarray(ear_tip_img, dtype=np.float32)[..., None] / 255.0
-    coat = coat * (1 - ear_tip) + dark * ear_tip
+    fur_colour = fur_colour * (1 - ear_tip) + dark * ear_tip
     inner_img = Image.new("L", (width, height))
     inner_draw = ImageDraw.Draw(inner_img)
     for side in (-1, 1):
@@ -100,16 +109,16 @@ def synthetic_pet(width: int, height: int, seed: int = 0) -> tuple[np.ndarray, n
             fill=255,
         )
     inner = np.asarray(inner_img.filter(ImageFilter.GaussianBlur(10 * s)), dtype=np.float32)[..., None] / 255.0
-    coat = coat * (1 - 0.7 * inner) + np.array([0.86, 0.56, 0.55], dtype=np.float32) * 0.7 * inner
+    fur_colour = fur_colour * (1 - 0.7 * inner) + np.array([0.86, 0.56, 0.55], dtype=np.float32) * 0.7 * inner
 
     # Light from the upper left, falling off towards the edges of each form.
     shade = 1.0 - 0.25 * np.clip(((xx - cx) / (330 * s)) + ((yy - cy) / (400 * s)), -1, 1)
     rim = np.clip(1.0 - 0.35 * (((xx - cx) / (240 * s)) ** 2 + ((yy - cy) / (220 * s)) ** 2), 0.55, 1.0)
     rim = np.where(head, rim, 0.9)
-    coat = coat * (shade * rim)[..., None]
+    fur_colour = fur_colour * (shade * rim)[..., None]
 
     # Fur: short strokes flowing outwards from the face, coloured from the coat underneath.
-    fur = Image.fromarray((np.clip(coat, 0, 1) * 255).astype(np.uint8))
+    fur = Image.fromarray((np.clip(fur_colour, 0, 1) * 255).astype(np.uint8))
     fur_draw = ImageDraw.Draw(fur)
     ys, xs = np.nonzero(silhouette)
     count = int(42000 * (width * height) / (1024 * 768))
@@ -118,7 +127,7 @@ def synthetic_pet(width: int, height: int, seed: int = 0) -> tuple[np.ndarray, n
         angle = math.atan2(y0 - (cy + 40 * s), x0 - cx) + rng.normal(0, 0.35)
         length = rng.uniform(5, 16) * s
         x1, y1 = x0 + math.cos(angle) * length, y0 + math.sin(angle) * length
-        base = coat[y0, x0]
+        base = fur_colour[y0, x0]
         tone = rng.uniform(0.72, 1.22)
         colour = tuple(int(v) for v in np.clip(base * tone * 255, 0, 255))
         fur_draw.line((x0, y0, x1, y1), fill=colour, width=max(1, round(1.4 * s)))
@@ -189,11 +198,12 @@ def main() -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--size", default="1024x768", help="WIDTHxHEIGHT of the test photo")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--coat", choices=sorted(COATS), default="ginger")
     args = parser.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    cutout, opaque = synthetic_pet(width, height, args.seed)
+    cutout, opaque = synthetic_pet(width, height, args.seed, args.coat)
     for kind, pixels in (("cutout", cutout), ("opaque", opaque)):
         image = to_tensor(pixels)
         tiles = [("input", to_pixels(image))]
