@@ -6,19 +6,22 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.staticfiles import StaticFiles
 
 from cache.store import LocalStore, ResultStore
 from effects.engine import Engine
 from service.errors import install_error_handlers
 from service.flow import Flow
-from service.routes import meta, process, results
+from service.routes import compat, meta, process, results
 from service.settings import Settings, get_settings
 from service.upload import UploadLimitMiddleware
 
 log = logging.getLogger("cutout.app")
+STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def build_store(settings: Settings) -> ResultStore:
@@ -80,6 +83,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(process.router)
     app.include_router(results.router)
     app.include_router(meta.router)
+    app.include_router(compat.router)
+    # The storefront client (`cutout.js`) and its demo page: plain files, no build step.
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
     # Added last, so it wraps everything: every answer, errors included, carries CORS headers.
     app.add_middleware(

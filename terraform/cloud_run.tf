@@ -152,5 +152,6 @@ locals {
     CUTOUT_TRACE_EXPORT           = "cloud_trace"
     CUTOUT_METRICS_EXPORT         = "cloud_monitoring"
     CUTOUT_GCP_PROJECT            = var.project_id
+    CUTOUT_GCP_REGION             = var.region
   }
 }

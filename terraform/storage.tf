@@ -31,17 +31,12 @@ resource "google_storage_bucket" "results" {
   depends_on = [google_project_service.enabled]
 }
 
-# The service checks for a result (objects.get), writes new ones (objects.create) and never deletes:
-# results are immutable and the lifecycle rule expires them.
-resource "google_storage_bucket_iam_member" "runtime_writes_results" {
+# The service reads results (objects.get), writes new ones first-writer-wins (if_generation_match=0)
+# and, when a stored object fails its checksum, replaces exactly that generation, which is an
+# overwrite and needs objects.delete: objectUser on this bucket only, no bucket or IAM administration.
+resource "google_storage_bucket_iam_member" "runtime_uses_results" {
   bucket = google_storage_bucket.results.name
-  role   = "roles/storage.objectCreator"
-  member = google_service_account.runtime.member
-}
-
-resource "google_storage_bucket_iam_member" "runtime_reads_results" {
-  bucket = google_storage_bucket.results.name
-  role   = "roles/storage.objectViewer"
+  role   = "roles/storage.objectUser"
   member = google_service_account.runtime.member
 }
 
