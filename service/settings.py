@@ -52,6 +52,35 @@ class Settings(BaseSettings):
     # Browsers allowed to call the API (the storefront's origins). "*" allows any origin.
     allowed_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8080", "http://127.0.0.1:8080"])
 
+    # Operations (docs/operations.md). Rate limits are per client and route family, in the
+    # `limits` notation ("30/minute", "5/second;100/hour").
+    # How many X-Forwarded-For entries, counted from the right, were written by infrastructure we
+    # trust; the client is the leftmost of them. 0: no proxy in front, the socket peer is the client.
+    trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
+    rate_limit_process: str = "30/minute"
+    rate_limit_read: str = "600/minute"
+    # POST /warmup: the shared token in `X-Warmup-Token`, or a Google-signed OIDC token (Cloud
+    # Scheduler) for this audience, signed as this service account.
+    warmup_token: str = ""
+    warmup_audience: str = ""
+    warmup_service_account: str = ""
+    warmup_certs_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    trace_export: Literal["none", "cloud_trace"] = "none"
+    metrics_export: Literal["none", "cloud_monitoring"] = "none"
+    # Cloud Monitoring accepts one point per series every 5 s at most.
+    metrics_interval_s: float = Field(default=60.0, ge=5.0, le=3600.0)
+    # host:port of the Monitoring API; empty for Google's. A loopback address is plain gRPC (tests).
+    metrics_endpoint: str = ""
+    gcp_project: str = ""
+    gcp_region: str = "global"
+    revision: str = Field(default="local", validation_alias="K_REVISION")
+    # Cloud Run, Tier 1 region, instance-based billing (https://cloud.google.com/run/pricing; the
+    # Cloud Billing SKUs for us-central1 as of 2026-08): NVIDIA L4 without zonal redundancy
+    # $0.0001867/s + the 4 vCPU x $0.000018/s + 16 GiB x $0.000002/s an L4 instance needs at least.
+    # With zonal redundancy the GPU is $0.0002909/s; with more CPU or memory, add them.
+    l4_usd_per_second: float = Field(default=0.0002907, ge=0.0)
+    log_format: Literal["json", "text"] = "json"
+
     @field_validator("public_url", "cdn_url")
     @classmethod
     def _strip_trailing_slash(cls, value: str) -> str:
@@ -63,6 +92,41 @@ class Settings(BaseSettings):
             raise ValueError("CUTOUT_CACHE_BACKEND=gcs needs CUTOUT_GCS_BUCKET (the bucket holding results)")
         if self.cache_backend == "gcs" and not self.cdn_url:
             raise ValueError("CUTOUT_CACHE_BACKEND=gcs needs CUTOUT_CDN_URL (the CDN base URL serving /cache/*)")
+        return self
+
+    @field_validator("rate_limit_process", "rate_limit_read")
+    @classmethod
+    def _parse_rate_limit(cls, value: str) -> str:
+        from limits import parse_many
+
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a rate limit; write it like 30/minute or 5/second;100/hour") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _check_operations(self) -> Settings:
+        if bool(self.warmup_audience) != bool(self.warmup_service_account):
+            raise ValueError(
+                "CUTOUT_WARMUP_AUDIENCE and CUTOUT_WARMUP_SERVICE_ACCOUNT go together: an OIDC token is "
+                "checked for both its audience and the service account that signed it"
+            )
+        if self.environment != "development":
+            token = self.warmup_token
+            if token and (token.strip().lower() in PLACEHOLDER_SECRETS or len(token) < 16):
+                raise ValueError(
+                    "CUTOUT_WARMUP_TOKEN looks like a placeholder; outside development use a random secret "
+                    "of 16 characters or more (e.g. `openssl rand -hex 32`), or leave it empty and use OIDC"
+                )
+            if not token and not self.warmup_audience:
+                raise ValueError(
+                    "outside development /warmup needs a credential: set CUTOUT_WARMUP_TOKEN, or "
+                    "CUTOUT_WARMUP_AUDIENCE and CUTOUT_WARMUP_SERVICE_ACCOUNT for Cloud Scheduler's OIDC token"
+                )
+        exporting = self.trace_export != "none" or self.metrics_export != "none"
+        if exporting and not self.gcp_project:
+            raise ValueError("CUTOUT_TRACE_EXPORT / CUTOUT_METRICS_EXPORT need CUTOUT_GCP_PROJECT (the project id)")
         return self
 
 

@@ -1,0 +1,465 @@
+"""What the deployment relies on in terraform/, read from python-hcl2's parse of the files.
+
+No provider, no network: these pin down the properties a plan would have (one L4, scale to zero,
+the startup probe within Cloud Run's limits, the CDN route, the warmup call, the alerts, the WIF
+restriction) so a change that breaks one fails here before anyone runs `terraform apply`.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TERRAFORM = ROOT / "terraform"
+ENVIRONMENTS = ("staging", "production")
+OPTIONS = hcl2.SerializationOptions(strip_string_quotes=True, explicit_blocks=False, with_comments=False)
+
+
+@cache
+def parse(path: Path) -> dict[str, Any]:
+    with path.open(encoding="utf-8") as handle:
+        parsed: dict[str, Any] = hcl2.load(handle, serialization_options=OPTIONS)
+    return parsed
+
+
+@cache
+def config() -> dict[str, Any]:
+    """Every block of terraform/*.tf, by kind: resources[type][name], variables[name], locals[name]..."""
+    merged: dict[str, Any] = {"resource": {}, "data": {}, "variable": {}, "locals": {}, "output": {}, "terraform": []}
+    for path in sorted(TERRAFORM.glob("*.tf")):
+        for kind, blocks in parse(path).items():
+            if kind in ("resource", "data"):
+                for block in blocks:
+                    for type_, named in block.items():
+                        for name, body in named.items():
+                            assert name not in merged[kind].setdefault(type_, {}), f"{type_}.{name} twice"
+                            merged[kind][type_][name] = body
+            elif kind in ("variable", "output"):
+                for block in blocks:
+                    merged[kind].update(block)
+            elif kind == "locals":
+                for block in blocks:
+                    merged["locals"].update(block)
+            elif kind == "terraform":
+                merged["terraform"].extend(blocks)
+    return merged
+
+
+def resource(type_: str, name: str) -> dict[str, Any]:
+    body: dict[str, Any] = config()["resource"][type_][name]
+    return body
+
+
+def resources(type_: str) -> dict[str, dict[str, Any]]:
+    named: dict[str, dict[str, Any]] = config()["resource"].get(type_, {})
+    return named
+
+
+def one(blocks: Any) -> dict[str, Any]:
+    """The single block of a nested block list (`template { ... }` parses as a one-item list)."""
+    assert isinstance(blocks, list) and len(blocks) == 1, blocks
+    block: dict[str, Any] = blocks[0]
+    return block
+
+
+def tfvars(environment: str) -> dict[str, Any]:
+    return parse(TERRAFORM / "environments" / f"{environment}.tfvars")
+
+
+def default(variable: str) -> Any:
+    return config()["variable"][variable].get("default")
+
+
+def effective(variable: str, environment: str) -> Any:
+    """The value a variable takes in an environment: its tfvars entry, else its default."""
+    values = tfvars(environment)
+    return values[variable] if variable in values else default(variable)
+
+
+def ref(expression: str) -> str:
+    """`${var.x}` -> `var.x`: the reference an attribute is set to."""
+    match = re.fullmatch(r"\$\{(.+)\}", expression)
+    assert match, f"{expression!r} is not a single reference"
+    return match.group(1)
+
+
+def service() -> dict[str, Any]:
+    return resource("google_cloud_run_v2_service", "cutout")
+
+
+def template() -> dict[str, Any]:
+    return one(service()["template"])
+
+
+def container() -> dict[str, Any]:
+    return one(template()["containers"])
+
+
+def service_env() -> dict[str, Any]:
+    env: dict[str, Any] = dict(config()["locals"]["service_env"])
+    for entry in container().get("env", []):
+        env[entry["name"]] = entry
+    return env
+
+
+# ---------------------------------------------------------------- Cloud Run
+
+
+def test_one_nvidia_l4_per_instance() -> None:
+    assert one(template()["node_selector"])["accelerator"] == "nvidia-l4"
+    limits = one(container()["resources"])["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_cpu_and_memory_meet_the_gpu_minimum(environment: str) -> None:
+    limits = one(container()["resources"])["limits"]
+    assert ref(limits["cpu"]) == "tostring(var.cpu)"
+    assert limits["memory"] == "${var.memory_gib}Gi"
+    assert effective("cpu", environment) >= 4
+    assert effective("memory_gib", environment) >= 16
+
+
+def test_cpu_always_allocated_with_startup_boost() -> None:
+    resources_ = one(container()["resources"])
+    assert resources_["cpu_idle"] is False
+    assert resources_["startup_cpu_boost"] is True
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_scales_to_zero(environment: str) -> None:
+    scaling = one(template()["scaling"])
+    assert ref(scaling["min_instance_count"]) == "var.min_instances"
+    assert ref(scaling["max_instance_count"]) == "var.max_instances"
+    assert default("min_instances") == 0
+    assert effective("min_instances", environment) == 0
+    assert effective("max_instances", environment) >= 1
+
+
+def test_concurrency_and_timeout_are_variables_within_cloud_run_limits() -> None:
+    assert ref(template()["max_instance_request_concurrency"]) == "var.concurrency"
+    assert template()["timeout"] == "${var.request_timeout_s}s"
+    for environment in ENVIRONMENTS:
+        assert 1 <= effective("concurrency", environment) <= 1000
+        assert 30 <= effective("request_timeout_s", environment) <= 3600
+    # The service gives up before Cloud Run cuts the connection.
+    assert config()["locals"]["service_env"]["CUTOUT_REQUEST_TIMEOUT_S"] == "${tostring(var.request_timeout_s - 10)}"
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_startup_probe_on_ready_within_cloud_run_limits(environment: str) -> None:
+    probe = one(container()["startup_probe"])
+    http_get = one(probe["http_get"])
+    assert http_get["path"] == "/ready"
+    assert http_get["port"] == 8080
+    for field in ("initial_delay_seconds", "period_seconds", "timeout_seconds", "failure_threshold"):
+        assert probe[field] == f"${{var.startup_probe.{field}}}"
+    values = effective("startup_probe", environment)
+    assert values["failure_threshold"] * values["period_seconds"] <= 240
+    assert 0 <= values["initial_delay_seconds"] <= 240
+    assert 1 <= values["timeout_seconds"] <= values["period_seconds"]
+
+
+def test_startup_probe_limit_is_also_validated() -> None:
+    conditions = [rule["condition"] for rule in config()["variable"]["startup_probe"]["validation"]]
+    assert "${var.startup_probe.failure_threshold * var.startup_probe.period_seconds <= 240}" in conditions
+
+
+def test_liveness_probe_on_health() -> None:
+    probe = one(container()["liveness_probe"])
+    assert one(probe["http_get"])["path"] == "/health"
+
+
+def test_container_listens_on_8080() -> None:
+    assert one(container()["ports"])["container_port"] == 8080
+
+
+def test_deploys_own_the_image_and_traffic() -> None:
+    ignored = one(service()["lifecycle"])["ignore_changes"]
+    assert "${template[0].containers[0].image}" in ignored
+    assert "traffic" in ignored
+
+
+def test_settings_reach_the_service_as_environment_variables() -> None:
+    env = service_env()
+    expected = {
+        "CUTOUT_ENVIRONMENT",
+        "CUTOUT_DEVICE",
+        "CUTOUT_MODELS_DIR",
+        "CUTOUT_CUTOUT_MODEL",
+        "CUTOUT_DIFFUSION_EFFECTS",
+        "CUTOUT_CACHE_BACKEND",
+        "CUTOUT_GCS_BUCKET",
+        "CUTOUT_CDN_URL",
+        "CUTOUT_PUBLIC_URL",
+        "CUTOUT_MAX_UPLOAD_BYTES",
+        "CUTOUT_MAX_PIXELS",
+        "CUTOUT_ALLOWED_ORIGINS",
+        "CUTOUT_TRUSTED_PROXY_HOPS",
+        "CUTOUT_WARMUP_TOKEN",
+        "CUTOUT_WARMUP_AUDIENCE",
+        "CUTOUT_WARMUP_SERVICE_ACCOUNT",
+        "CUTOUT_TRACE_EXPORT",
+        "CUTOUT_METRICS_EXPORT",
+        "CUTOUT_GCP_PROJECT",
+        "CUTOUT_MAX_QUEUE",
+        "CUTOUT_REQUEST_TIMEOUT_S",
+        "CUTOUT_SHUTDOWN_GRACE_S",
+    }
+    assert expected <= set(env)
+    assert env["CUTOUT_CACHE_BACKEND"] == "gcs"
+    assert env["CUTOUT_DEVICE"] == "cuda"
+    assert env["CUTOUT_MODELS_DIR"] == "/models"
+    # Lists go as JSON, which service/settings.py accepts.
+    assert env["CUTOUT_DIFFUSION_EFFECTS"] == "${jsonencode(var.diffusion_effects)}"
+    assert env["CUTOUT_ALLOWED_ORIGINS"] == "${jsonencode(var.allowed_origins)}"
+
+
+def test_warmup_token_comes_from_secret_manager() -> None:
+    token = service_env()["CUTOUT_WARMUP_TOKEN"]
+    assert "value" not in token
+    secret_ref = one(one(token["value_source"])["secret_key_ref"])
+    assert secret_ref["secret"] == "${google_secret_manager_secret.warmup_token.secret_id}"
+    grant = resource("google_secret_manager_secret_iam_member", "runtime_reads_warmup_token")
+    assert grant["role"] == "roles/secretmanager.secretAccessor"
+    assert grant["member"] == "${google_service_account.runtime.member}"
+
+
+def test_client_ip_is_second_from_the_right_behind_the_load_balancer() -> None:
+    # The global external ALB appends `<client-ip>,<lb-ip>`; Cloud Run behind a serverless NEG adds none.
+    assert default("trusted_proxy_hops") == 2
+    assert service_env()["CUTOUT_TRUSTED_PROXY_HOPS"] == "${tostring(var.trusted_proxy_hops)}"
+
+
+def test_shutdown_grace_below_cloud_runs_sigkill() -> None:
+    assert default("shutdown_grace_s") < 10
+
+
+# ---------------------------------------------------------------- bucket and CDN
+
+
+def test_results_bucket_is_private_uniform_and_expires_results() -> None:
+    bucket = resource("google_storage_bucket", "results")
+    assert bucket["uniform_bucket_level_access"] is True
+    assert bucket["public_access_prevention"] == "enforced"
+    rule = one(bucket["lifecycle_rule"])
+    assert one(rule["condition"])["age"] == "${var.result_retention_days}"
+    assert one(rule["action"])["type"] == "Delete"
+    for environment in ENVIRONMENTS:
+        assert effective("result_retention_days", environment) >= 1
+
+
+def test_nothing_is_granted_to_all_users() -> None:
+    text = "\n".join(path.read_text(encoding="utf-8") for path in TERRAFORM.glob("*.tf"))
+    assert '"allUsers"' not in text
+    assert '"allAuthenticatedUsers"' not in text
+
+
+def test_bucket_is_read_publicly_only_through_the_cdn() -> None:
+    grant = resource("google_storage_bucket_iam_member", "cdn_reads_public_prefixes")
+    assert grant["role"] == "roles/storage.objectViewer"
+    assert grant["member"].endswith("@https-lb.iam.gserviceaccount.com")
+    assert "startsWith" in one(grant["condition"])["expression"]
+    assert config()["locals"]["public_prefixes"] == ["results/", "masks/"]
+
+
+def test_cdn_on_the_bucket_backend_not_on_the_api() -> None:
+    bucket_backend = resource("google_compute_backend_bucket", "results")
+    assert bucket_backend["enable_cdn"] is True
+    assert bucket_backend["bucket_name"] == "${google_storage_bucket.results.name}"
+    assert one(bucket_backend["cdn_policy"])["cache_mode"] == "FORCE_CACHE_ALL"
+    assert resource("google_compute_backend_service", "api")["enable_cdn"] is False
+
+
+def test_cache_path_routes_to_the_bucket_with_the_prefix_stripped() -> None:
+    url_map = resource("google_compute_url_map", "https")
+    assert url_map["default_service"] == "${google_compute_backend_service.api.id}"
+    matcher = one(url_map["path_matcher"])
+    assert matcher["default_service"] == "${google_compute_backend_service.api.id}"
+    rule = one(matcher["route_rules"])
+    assert one(rule["match_rules"])["prefix_match"] == "/cache/"
+    assert rule["service"] == "${google_compute_backend_bucket.results.id}"
+    rewrite = one(one(rule["route_action"])["url_rewrite"])
+    assert rewrite["path_prefix_rewrite"] == "/"
+
+
+def test_api_reaches_cloud_run_through_a_serverless_neg_with_cloud_armor() -> None:
+    neg = resource("google_compute_region_network_endpoint_group", "cutout")
+    assert neg["network_endpoint_type"] == "SERVERLESS"
+    assert one(neg["cloud_run"])["service"] == "${google_cloud_run_v2_service.cutout.name}"
+    backend = resource("google_compute_backend_service", "api")
+    assert backend["load_balancing_scheme"] == "EXTERNAL_MANAGED"
+    assert one(backend["backend"])["group"] == "${google_compute_region_network_endpoint_group.cutout.id}"
+    assert backend["security_policy"] == "${google_compute_security_policy.api.id}"
+
+
+def test_https_with_a_managed_certificate_on_a_global_external_alb() -> None:
+    certificate = resource("google_compute_managed_ssl_certificate", "lb")
+    assert one(certificate["managed"])["domains"] == ["${var.domain}"]
+    rule = resource("google_compute_global_forwarding_rule", "https")
+    assert rule["load_balancing_scheme"] == "EXTERNAL_MANAGED"
+    assert rule["port_range"] == "443"
+    proxy = resource("google_compute_target_https_proxy", "https")
+    assert proxy["ssl_certificates"] == ["${google_compute_managed_ssl_certificate.lb.id}"]
+    redirect = resource("google_compute_url_map", "http_redirect")
+    assert one(redirect["default_url_redirect"])["https_redirect"] is True
+
+
+def test_cloud_armor_throttles_per_client_ip() -> None:
+    policy = resource("google_compute_security_policy", "api")
+    throttles = [rule for rule in policy["rule"] if rule["action"] == "throttle"]
+    assert len(throttles) == 1
+    options = one(throttles[0]["rate_limit_options"])
+    assert options["enforce_on_key"] == "IP"
+    assert options["exceed_action"] == "deny(429)"
+    threshold = one(options["rate_limit_threshold"])
+    assert threshold["count"] == "${var.armor_rate_limit.count}"
+    assert threshold["interval_sec"] == "${var.armor_rate_limit.interval_sec}"
+    default_rules = [rule for rule in policy["rule"] if rule["priority"] == 2147483647]
+    assert default_rules and default_rules[0]["action"] == "allow"
+
+
+# ---------------------------------------------------------------- warmup
+
+
+def test_scheduler_posts_warmup_with_an_oidc_token_the_service_accepts() -> None:
+    job = resource("google_cloud_scheduler_job", "warmup")
+    target = one(job["http_target"])
+    assert target["http_method"] == "POST"
+    assert target["uri"] == "${google_cloud_run_v2_service.cutout.uri}/warmup"
+    token = one(target["oidc_token"])
+    assert token["service_account_email"] == "${google_service_account.warmup.email}"
+    assert token["audience"] == "${local.warmup_audience}"
+    env = service_env()
+    assert env["CUTOUT_WARMUP_AUDIENCE"] == "${local.warmup_audience}"
+    assert env["CUTOUT_WARMUP_SERVICE_ACCOUNT"] == "${google_service_account.warmup.email}"
+
+
+def test_warmup_runs_on_a_business_hours_cron() -> None:
+    job = resource("google_cloud_scheduler_job", "warmup")
+    assert job["schedule"] == "${var.warmup_schedule}"
+    fields = default("warmup_schedule").split()
+    assert len(fields) == 5
+    hour, weekday = fields[1], fields[4]
+    assert "-" in hour and weekday == "1-5"
+    assert effective("warmup_schedule", "production").split()[4] == "1-5"
+
+
+# ---------------------------------------------------------------- monitoring, budget
+
+
+def threshold(policy: str) -> dict[str, Any]:
+    return one(one(resource("google_monitoring_alert_policy", policy)["conditions"])["condition_threshold"])
+
+
+def alert_filters() -> dict[str, str]:
+    filters = {}
+    for name in resources("google_monitoring_alert_policy"):
+        condition = threshold(name)
+        filters[name] = condition["filter"] + " / " + condition.get("denominator_filter", "")
+    return filters
+
+
+def test_alert_policies_cover_latency_errors_cost_startup_and_cache() -> None:
+    filters = alert_filters()
+    assert "run.googleapis.com/request_latencies" in filters["latency_p95"]
+    assert 'response_code_class = "5xx"' in filters["error_ratio"]
+    assert "run.googleapis.com/container/instance_count" in filters["instance_count"]
+    assert "run.googleapis.com/container/startup_latencies" in filters["startup_latency"]
+    assert "google_monitoring_metric_descriptor.cache_requests.type" in filters["cache_hit_ratio"]
+    assert 'outcome = "hit"' in filters["cache_hit_ratio"]
+    assert one(threshold("latency_p95")["aggregations"])["cross_series_reducer"] == "REDUCE_PERCENTILE_95"
+    assert threshold("error_ratio")["denominator_filter"]
+    assert threshold("cache_hit_ratio")["comparison"] == "COMPARISON_LT"
+
+
+def test_every_alert_notifies_the_configured_channels() -> None:
+    for policy in resources("google_monitoring_alert_policy").values():
+        assert policy["notification_channels"] == "${var.notification_channel_ids}"
+
+
+def test_cache_metric_is_the_services_custom_metric() -> None:
+    descriptor = resource("google_monitoring_metric_descriptor", "cache_requests")
+    assert descriptor["type"] == "custom.googleapis.com/cutout/cache_requests"
+    assert one(descriptor["labels"])["key"] == "outcome"
+
+
+def test_dashboard_exists() -> None:
+    assert "cutout" in resources("google_monitoring_dashboard")
+
+
+def test_budget_alerts_at_thresholds() -> None:
+    budget = resource("google_billing_budget", "project")
+    assert one(budget["all_updates_rule"])["monitoring_notification_channels"] == "${var.notification_channel_ids}"
+    assert default("budget_alert_thresholds") == [0.5, 0.9, 1.0]
+    forecast = one(budget["threshold_rules"])
+    assert forecast["spend_basis"] == "FORECASTED_SPEND"
+
+
+# ---------------------------------------------------------------- identities
+
+
+def test_workload_identity_accepts_only_this_repository() -> None:
+    provider = resource("google_iam_workload_identity_pool_provider", "github")
+    assert one(provider["oidc"])["issuer_uri"] == "https://token.actions.githubusercontent.com"
+    condition = provider["attribute_condition"]
+    assert "assertion.repository == '${var.github_repository}'" in condition
+    assert "assertion.sub == 'repo:${var.github_repository}:environment:${var.environment}'" in condition
+    assert provider["attribute_mapping"]["attribute.repository"] == "assertion.repository"
+    binding = resource("google_service_account_iam_member", "github_deploys")
+    assert binding["role"] == "roles/iam.workloadIdentityUser"
+    assert binding["member"].endswith("/attribute.repository/${var.github_repository}")
+
+
+def test_no_broad_project_roles() -> None:
+    roles = [grant["role"] for grant in config()["locals"]["project_roles"].values()]
+    roles += [grant["role"] for grant in resources("google_project_iam_member").values() if "role" in grant]
+    for role in roles:
+        assert role not in ("roles/owner", "roles/editor", "roles/viewer"), role
+        assert not role.endswith(".admin"), role
+    runtime = {g["role"] for g in config()["locals"]["project_roles"].values() if "runtime" in g["member"]}
+    assert runtime == {"roles/monitoring.metricWriter", "roles/cloudtrace.agent"}
+
+
+def test_service_runs_as_its_own_account() -> None:
+    assert template()["service_account"] == "${google_service_account.runtime.email}"
+    assert service()["invoker_iam_disabled"] is True
+
+
+# ---------------------------------------------------------------- environments and hygiene
+
+
+@pytest.mark.parametrize("environment", ENVIRONMENTS)
+def test_tfvars_set_every_required_variable_and_nothing_unknown(environment: str) -> None:
+    values = tfvars(environment)
+    variables = config()["variable"]
+    required = {name for name, body in variables.items() if "default" not in body}
+    assert required <= set(values), f"{environment}.tfvars lacks {sorted(required - set(values))}"
+    assert set(values) <= set(variables), f"{environment}.tfvars sets unknown {sorted(set(values) - set(variables))}"
+    assert values["environment"] == environment
+
+
+def test_providers_are_pinned() -> None:
+    providers = one(one(config()["terraform"])["required_providers"])
+    assert providers["google"]["source"] == "hashicorp/google"
+    assert providers["google"]["version"]
+    assert providers["random"]["version"]
+
+
+def test_every_checkov_skip_says_why() -> None:
+    skips = []
+    for path in [*TERRAFORM.glob("*.tf"), ROOT / "Dockerfile"]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if "checkov:skip" in line:
+                skips.append((path.name, line.strip()))
+    assert skips
+    for name, line in skips:
+        match = re.fullmatch(r"#\s*checkov:skip=(CKV2?_[A-Z0-9]+_\d+):(.+)", line)
+        assert match, f"{name}: {line!r} is not `#checkov:skip=<id>:<reason>`"
+        assert len(match.group(2).split()) >= 8, f"{name}: the reason for {match.group(1)} is too short"
