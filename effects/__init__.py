@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from effects import blackwhite, cutout, dithering, popart, retro8bit
+from effects import aged, blackwhite, comic, cutout, dithering, enhance, popart, retro8bit, upscale
 from effects.base import Effect
 
 EFFECTS: dict[str, Effect] = {
@@ -11,4 +11,8 @@ EFFECTS: dict[str, Effect] = {
     "dithering": dithering.EFFECT,
     "popart": popart.EFFECT,
     "retro8bit": retro8bit.EFFECT,
+    "upscale": upscale.EFFECT,
+    "enhance": enhance.EFFECT,
+    "comic": comic.EFFECT,
+    "aged": aged.EFFECT,
 }

@@ -7,12 +7,20 @@ the size of the image and never changes its alpha channel.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+
+# Model construction is not thread-safe across libraries: diffusers builds its modules under
+# accelerate's `init_empty_weights`, which patches `nn.Module.register_parameter` for the whole
+# process while it runs. Every loader builds its modules while holding this lock; reading
+# weights and moving them to the device happen outside it, in parallel.
+MODEL_BUILD_LOCK = threading.Lock()
 
 
 class EffectParams(BaseModel):

@@ -25,6 +25,9 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "public_url": "http://testserver",
         "allowed_origins": ["https://shop.example"],
         "device": "cpu",
+        # Tests send many requests from one address; the rate-limit tests set their own limits.
+        "rate_limit_process": "100000/minute",
+        "rate_limit_read": "100000/minute",
     }
     values.update(overrides)
     return Settings(**values)
@@ -63,3 +66,33 @@ def client_factory(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
 @pytest.fixture
 def client(client_factory: Callable[..., TestClient]) -> TestClient:
     return client_factory()
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random weights in the production layout, written once per session through the real scripts:
+    InSPyReNet SwinB at its fast size (384) and tiny random diffusion pipelines."""
+    from scripts.diffusion_weights import write_tiny_pipelines
+    from scripts.make_test_weights import write_inspyrenet
+
+    directory = tmp_path_factory.mktemp("models")
+    write_inspyrenet(directory, "fast", seed=0)
+    write_tiny_pipelines(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def model_client(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """One app per session with every model loaded (random weights), on the CPU.
+
+    Shared because loading is the slow part; tests that need a cold cache clear it themselves.
+    """
+    from service.settings import DIFFUSION_EFFECTS
+
+    settings = make_settings(
+        tmp_path_factory.mktemp("model-app"), models_dir=models_dir, diffusion_effects=list(DIFFUSION_EFFECTS)
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        wait_loaded(client)
+        assert client.get("/ready").status_code == 200, client.get("/ready").text
+        yield client

@@ -36,6 +36,8 @@ def running_server(tmp_path: Path, env: dict[str, str] | None = None, timeout_s:
         "CUTOUT_PUBLIC_URL": f"http://127.0.0.1:{port}",
         "CUTOUT_DIFFUSION_EFFECTS": "",
         "CUTOUT_DEVICE": "cpu",
+        "CUTOUT_RATE_LIMIT_PROCESS": "100000/minute",
+        "CUTOUT_RATE_LIMIT_READ": "100000/minute",
         **(env or {}),
     }
     log_path = tmp_path / f"server-{port}.log"
