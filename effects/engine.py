@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from effects.background import Background, compose
 from effects.base import Effect, EffectParams
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
     from effects.inspyrenet import CutoutModel
 
 log = logging.getLogger("cutout.engine")
+# The OpenTelemetry API only: a no-op unless the service installed a tracer provider.
+_tracer = trace.get_tracer("cutout.engine")
+MASK_BATCH_SPAN = "mask batch"
 
 CUTOUT = "cutout"
 MANIFEST = "model.json"
@@ -79,6 +84,7 @@ class ModelState:
 class _MaskJob:
     image: torch.Tensor
     future: asyncio.Future[torch.Tensor] = field(repr=False)
+    span_context: trace.SpanContext = field(default=trace.INVALID_SPAN_CONTEXT, repr=False)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -331,7 +337,7 @@ class Engine:
         """
         self._require_cutout()
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        await self._mask_queue.put(_MaskJob(model_input, future))
+        await self._mask_queue.put(_MaskJob(model_input, future, trace.get_current_span().get_span_context()))
         return await future
 
     async def _mask_worker(self) -> None:
@@ -357,16 +363,28 @@ class Engine:
             for job in jobs:
                 groups.setdefault(tuple(job.image.shape), []).append(job)
             for group in groups.values():
-                try:
-                    results = await loop.run_in_executor(self._gpu, self._forward_split, [j.image for j in group])
-                except Exception as exc:
-                    for job in group:
+                # A batch serves several requests: its own trace, linked to each request it serves.
+                with _tracer.start_as_current_span(
+                    MASK_BATCH_SPAN,
+                    context=otel_context.Context(),
+                    links=[trace.Link(job.span_context) for job in group if job.span_context.is_valid],
+                    attributes={
+                        "cutout.batch_size": len(group),
+                        "cutout.input_size": int(group[0].image.shape[-1]),
+                        "cutout.device": str(self.device),
+                    },
+                ) as span:
+                    try:
+                        results = await loop.run_in_executor(self._gpu, self._forward_split, [j.image for j in group])
+                    except Exception as exc:
+                        span.set_status(trace.Status(trace.StatusCode.ERROR, exc.__class__.__name__))
+                        for job in group:
+                            if not job.future.done():
+                                job.future.set_exception(exc)
+                        continue
+                    for job, result in zip(group, results, strict=True):
                         if not job.future.done():
-                            job.future.set_exception(exc)
-                    continue
-                for job, result in zip(group, results, strict=True):
-                    if not job.future.done():
-                        job.future.set_result(result)
+                            job.future.set_result(result)
 
     def _forward_split(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run a batch; on out-of-memory free what we can and retry it in halves."""

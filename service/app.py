@@ -14,6 +14,7 @@ from fastapi.staticfiles import StaticFiles
 
 from cache.store import LocalStore, ResultStore
 from effects.engine import Engine
+from service import operations
 from service.errors import install_error_handlers
 from service.flow import Flow
 from service.routes import compat, meta, process, results
@@ -64,9 +65,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Models load in the background so /health answers at once; /ready tells when they are warm.
         loading = asyncio.create_task(engine.start(), name="cutout-model-loading")
         app.state.loading = loading
+        running = operations.start(app, settings, engine)
         try:
             yield
         finally:
+            await running.stop()
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await engine.stop()
@@ -87,6 +90,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The storefront client (`cutout.js`) and its demo page: plain files, no build step.
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    operations.install(app, settings)  # rate limits, access log, tracing, /warmup, /metrics
     # Added last, so it wraps everything: every answer, errors included, carries CORS headers.
     app.add_middleware(
         CORSMiddleware,

@@ -37,6 +37,7 @@ from service.errors import (
     UnknownEffect,
 )
 from service.settings import Settings
+from service.telemetry import note_results, stage
 
 log = logging.getLogger("cutout.flow")
 
@@ -254,7 +255,9 @@ class Flow:
     async def from_hash(self, image_hash: str, request: ProcessRequest, *, want_bytes: bool) -> ProcessOutcome:
         """Hash-first: answer from the store alone, or tell the client to upload the photo."""
         started = time.perf_counter()
-        found = await self.lookup(image_hash, request, want_bytes=want_bytes)
+        with stage("cache lookup", effects=len(request.effects)) as span:
+            found = await self.lookup(image_hash, request, want_bytes=want_bytes)
+            span.set_attribute("cutout.hits", len(found))
         missing = [name for name in request.effects if name not in found]
         if missing:
             raise ImageNotCached(
@@ -266,8 +269,11 @@ class Flow:
     async def process(self, upload: bytes, request: ProcessRequest, *, want_bytes: bool = False) -> ProcessOutcome:
         started = time.perf_counter()
         timings: dict[str, float] = {}
-        image_hash = await asyncio.to_thread(image_sha256, upload)
-        results = await self.lookup(image_hash, request, want_bytes=want_bytes)
+        with stage("hash", bytes=len(upload)):
+            image_hash = await asyncio.to_thread(image_sha256, upload)
+        with stage("cache lookup", effects=len(request.effects)) as span:
+            results = await self.lookup(image_hash, request, want_bytes=want_bytes)
+            span.set_attribute("cutout.hits", len(results))
         missing = [name for name in request.effects if name not in results]
         if missing:
             self.check_models(request, missing)
@@ -281,21 +287,24 @@ class Flow:
     ) -> dict[str, EffectResult]:
         engine = self.engine
         clock = time.perf_counter()
-        decoded = await asyncio.to_thread(imaging.decode, upload, self.settings.max_pixels)
-        image = await asyncio.to_thread(engine.upload, decoded.pixels)
+        with stage("decode", bytes=len(upload)) as span:
+            decoded = await asyncio.to_thread(imaging.decode, upload, self.settings.max_pixels)
+            span.set_attribute("cutout.pixels", int(decoded.pixels.shape[0] * decoded.pixels.shape[1]))
+            image = await asyncio.to_thread(engine.upload, decoded.pixels)
         timings["decode"] = _ms_since(clock)
 
         clock = time.perf_counter()
         mask_store: asyncio.Task[None] | None = None
         mask = None
         if request.background.needs_mask:
-            mask, mask_store = await self._mask(image_hash, image)
+            with stage("mask") as span:  # GPU time comes from its share of the mask batch
+                mask, mask_store = await self._mask(image_hash, image)
+                span.set_attribute("cutout.cache", "hit" if mask_store is None else "miss")
         timings["mask"] = _ms_since(clock)
 
         clock = time.perf_counter()
-        base = await asyncio.to_thread(
-            engine.render_background, image, mask, request.background, request.max_size
-        )
+        with stage("background", gpu=True, background=request.background.canonical()):
+            base = await asyncio.to_thread(engine.render_background, image, mask, request.background, request.max_size)
         del image
         timings["background"] = _ms_since(clock)
 
@@ -306,24 +315,29 @@ class Flow:
         async def one(name: str) -> EffectResult:
             effect = EFFECTS[name]
             clock = time.perf_counter()
-            try:
-                rendered = await self._apply(effect, base, request)
-            except OutOfMemory as exc:
-                raise GpuOutOfMemory(str(exc), retry_after=5) from exc
-            pixels = await asyncio.to_thread(engine.download, rendered)
+            with stage("effect", gpu=True, effect=name, kind=effect.kind):
+                try:
+                    rendered = await self._apply(effect, base, request)
+                except OutOfMemory as exc:
+                    raise GpuOutOfMemory(str(exc), retry_after=5) from exc
+                pixels = await asyncio.to_thread(engine.download, rendered)
             del rendered
             effect_ms.append(_ms_since(clock))
             clock = time.perf_counter()
-            data = await asyncio.to_thread(imaging.encode, pixels, request.format, self.settings.png_compress_level)
+            with stage("encode", format=request.format) as span:
+                data = await asyncio.to_thread(imaging.encode, pixels, request.format, self.settings.png_compress_level)
+                span.set_attribute("cutout.bytes", len(data))
             encode_ms.append(_ms_since(clock))
             key = self.recipe(image_hash, name, request).result_key()
             clock = time.perf_counter()
-            outcome = await self._store(
-                result_object(key, request.format),
-                data,
-                imaging.OUTPUT_FORMATS[request.format],
-                {"width": str(pixels.shape[1]), "height": str(pixels.shape[0])},
-            )
+            with stage("store", effect=name, bytes=len(data)) as span:
+                outcome = await self._store(
+                    result_object(key, request.format),
+                    data,
+                    imaging.OUTPUT_FORMATS[request.format],
+                    {"width": str(pixels.shape[1]), "height": str(pixels.shape[0])},
+                )
+                span.set_attribute("cutout.cache", outcome)
             store_ms.append(_ms_since(clock))
             return EffectResult(
                 effect=name,
@@ -398,8 +412,10 @@ class Flow:
         log.warning("result store %s failed for %s: %s: %s", action, name, exc.__class__.__name__, exc)
 
     def _count(self, results: Any) -> None:
+        results = list(results)
         for result in results:
             self.cache_counts[result.cache] += 1
+        note_results(results)
 
 
 def _ms_since(started: float) -> float:

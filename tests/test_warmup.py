@@ -1,0 +1,240 @@
+"""POST /warmup: credentials (shared token, Google-signed OIDC against a local JWKS), single flight."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from fastapi.testclient import TestClient
+from google.auth import crypt, jwt
+
+from scripts.make_test_weights import write_inspyrenet
+from service.app import create_app
+from tests.conftest import make_settings
+
+TOKEN = "s3cret-warmup-token-0123456789"
+AUDIENCE = "https://cutout.example/warmup"
+SCHEDULER = "warmup@cutout-project.iam.gserviceaccount.com"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random InSPyReNet weights in the serving layout: the warm-up runs the real forward."""
+    directory = tmp_path_factory.mktemp("warmup-models")
+    write_inspyrenet(directory)
+    return directory
+
+
+# ------------------------------------------------------------------------ a local Google
+
+
+def _b64(number: int) -> str:
+    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+class LocalGoogle:
+    """Signs ID tokens like Google does and serves the public keys as a JWKS on loopback."""
+
+    def __init__(self) -> None:
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.kid = "local-key-1"
+        self.fetches = 0
+        numbers = self.key.public_key().public_numbers()
+        jwks = {
+            "keys": [
+                {
+                    "kty": "RSA",
+                    "alg": "RS256",
+                    "use": "sig",
+                    "kid": self.kid,
+                    "n": _b64(numbers.n),
+                    "e": _b64(numbers.e),
+                }
+            ]
+        }
+        body = json.dumps(jwks).encode()
+        google = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                google.fetches += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Cache-Control", "public, max-age=21600")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.certs_url = f"http://127.0.0.1:{self.server.server_address[1]}/oauth2/v3/certs"
+
+    def token(self, *, key: rsa.RSAPrivateKey | None = None, **overrides: Any) -> str:
+        now = int(time.time())
+        claims = {
+            "iss": "https://accounts.google.com",
+            "aud": AUDIENCE,
+            "azp": "1234567890",
+            "email": SCHEDULER,
+            "email_verified": True,
+            "sub": "1234567890",
+            "iat": now,
+            "exp": now + 3600,
+        }
+        claims.update(overrides)
+        pem = (key or self.key).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        signer = crypt.RSASigner.from_string(pem, key_id=self.kid)
+        return jwt.encode(signer, claims).decode()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def google() -> Iterator[LocalGoogle]:
+    local = LocalGoogle()
+    yield local
+    local.close()
+
+
+def oidc_settings(google: LocalGoogle) -> dict[str, Any]:
+    return {"warmup_audience": AUDIENCE, "warmup_service_account": SCHEDULER, "warmup_certs_url": google.certs_url}
+
+
+# ------------------------------------------------------------------------ tests
+
+
+def test_shared_token_single_flight_and_cold_start(client_factory: Callable[..., TestClient], models_dir: Path) -> None:
+    client = client_factory(warmup_token=TOKEN, models_dir=models_dir)
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    batches = engine.batches_run
+
+    first = client.post("/warmup", headers={"X-Warmup-Token": TOKEN})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    # The first request this process served: it found the instance cold.
+    assert body["cold_start"] is True
+    assert body["uptime_s"] > 0 and body["model_load_s"] > 0
+    assert body["ready"] is True and body["models"]["cutout"]["status"] == "ready"
+    assert set(body["timings_ms"]) == {"cutout"} and body["timings_ms"]["cutout"] > 0
+    assert engine.batches_run == batches + 1  # one real forward through the cutout model
+
+    missing = client.post("/warmup", headers={"Origin": "https://shop.example"})
+    assert missing.status_code == 401 and missing.json()["code"] == "unauthorized"
+    assert missing.headers["access-control-allow-origin"] == "https://shop.example"
+    wrong = client.post("/warmup", headers={"X-Warmup-Token": TOKEN + "x"})
+    assert wrong.status_code == 403 and wrong.json()["code"] == "forbidden"
+    assert client.post("/warmup", headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert engine.batches_run == batches + 1  # refused calls never reach the model
+
+    second = client.post("/warmup", headers={"X-Warmup-Token": TOKEN}).json()
+    assert second["cold_start"] is False
+    assert second["uptime_s"] > body["uptime_s"]
+    assert engine.batches_run == batches + 2
+
+    # Concurrent calls share one run: one forward, the same answer for every caller.
+    runner = client.app.state.warmup  # type: ignore[attr-defined]
+    batches, runs = engine.batches_run, runner.runs
+    answers: list[Any] = []
+    barrier = threading.Barrier(4)
+
+    def call() -> None:
+        barrier.wait()
+        answers.append(client.post("/warmup", headers={"X-Warmup-Token": TOKEN}))
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert len(answers) == 4 and all(answer.status_code == 200 for answer in answers)
+    bodies = [answer.json() for answer in answers]
+    # One run, one forward; every caller got that run's answer.
+    assert runner.runs == runs + 1
+    assert engine.batches_run == batches + 1
+    assert all(body == bodies[0] for body in bodies)
+
+
+def test_warmup_on_a_cold_instance_waits_for_the_models(tmp_path: Path, models_dir: Path) -> None:
+    settings = make_settings(tmp_path, warmup_token=TOKEN, models_dir=models_dir)
+    with TestClient(create_app(settings)) as client:  # no waiting: the models are loading now
+        assert client.app.state.loading.done() is False  # type: ignore[attr-defined]
+        response = client.post("/warmup", headers={"X-Warmup-Token": TOKEN})
+        assert response.status_code == 200, response.text
+        body = response.json()
+    assert body["cold_start"] is True
+    assert body["waited_for_models_s"] > 0
+    assert body["ready"] is True and body["timings_ms"]["cutout"] > 0
+
+
+def test_oidc_token_from_the_scheduler_account(client_factory: Callable[..., TestClient], google: LocalGoogle) -> None:
+    client = client_factory(**oidc_settings(google))
+    fetches = google.fetches
+    response = client.post("/warmup", headers={"Authorization": f"Bearer {google.token()}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["timings_ms"] == {}  # no weights here: nothing to warm, still authorised
+    again = client.post("/warmup", headers={"Authorization": f"Bearer {google.token()}"})
+    assert again.status_code == 200
+    assert google.fetches == fetches + 1  # the keys are cached between calls
+
+
+@pytest.mark.parametrize(
+    ("overrides", "other_key"),
+    [
+        ({"aud": "https://elsewhere.example/warmup"}, False),
+        ({"email": "intruder@evil.iam.gserviceaccount.com"}, False),
+        ({"email_verified": False}, False),
+        ({"iss": "https://evil.example"}, False),
+        ({"iat": int(time.time()) - 7200, "exp": int(time.time()) - 3600}, False),
+        ({}, True),  # signed by a key Google never published, under Google's key id
+    ],
+    ids=["audience", "email", "unverified-email", "issuer", "expired", "signature"],
+)
+def test_oidc_tokens_that_do_not_check_out_are_403(
+    client_factory: Callable[..., TestClient], google: LocalGoogle, overrides: dict[str, Any], other_key: bool
+) -> None:
+    client = client_factory(**oidc_settings(google))
+    token = google.token(key=google.other_key if other_key else None, **overrides)
+    response = client.post("/warmup", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 403, response.text
+    assert response.json()["code"] == "forbidden"
+
+
+def test_oidc_is_refused_when_not_configured(client_factory: Callable[..., TestClient], google: LocalGoogle) -> None:
+    client = client_factory(warmup_token=TOKEN)
+    response = client.post("/warmup", headers={"Authorization": f"Bearer {google.token()}"})
+    assert response.status_code == 403
+
+
+def test_placeholder_tokens_are_refused_outside_development() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for token in ("changeme", "dev", "short"):
+        with pytest.raises(ValidationError, match="CUTOUT_WARMUP_TOKEN"):
+            Settings(environment="production", warmup_token=token)
+    with pytest.raises(ValidationError, match="needs a credential"):
+        Settings(environment="production")
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(warmup_audience=AUDIENCE)
+    assert Settings(environment="production", warmup_token=TOKEN).warmup_token == TOKEN
+    assert Settings(environment="production", warmup_audience=AUDIENCE, warmup_service_account=SCHEDULER)
