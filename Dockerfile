@@ -12,7 +12,7 @@
 #
 # No HEALTHCHECK: Cloud Run ignores it and probes the container itself (startup probe on /ready,
 # liveness on /health, see terraform/cloud_run.tf).
-#checkov:skip=CKV_DOCKER_2:Cloud Run does not run Docker HEALTHCHECKs; its startup (/ready) and liveness (/health) probes are configured in terraform/cloud_run.tf.
+#checkov:skip=CKV_DOCKER_2:Cloud Run ignores Docker HEALTHCHECK; its startup (/ready) and liveness (/health) probes are in terraform/cloud_run.tf.
 
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
@@ -29,7 +29,8 @@ ARG TORCHVISION_VERSION=0.29.2
 ARG TORCH_CUDA=cu126
 
 # ca-certificates for the downloads; the base image's CUDA runtime is not used by torch, whose wheels
-# bring their own CUDA 12.6 libraries.
+# bring their own CUDA 12.6 libraries. Apt versions are not pinned (DL3008): the base image tag fixes
+# the Ubuntu release, and exact pins would break as soon as a security update replaces a version.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
@@ -58,14 +59,14 @@ RUN uv pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" 
  && grep -vE '^(torch|torchvision|triton|nvidia-[a-z0-9-]+|cuda-[a-z0-9-]+)==' /tmp/requirements.txt \
         > /tmp/requirements-no-cuda.txt \
  && uv pip install -r /tmp/requirements-no-cuda.txt \
- && python -c "import torch, torchvision; assert torch.version.cuda.replace('.', '') == '${TORCH_CUDA}'.removeprefix('cu'), torch.version.cuda; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+ && python -c "import torch, torchvision; print('torch', torch.__version__, 'CUDA', torch.version.cuda); \
+assert torch.version.cuda.replace('.', '') == '${TORCH_CUDA}'.removeprefix('cu'), 'torch is not the ${TORCH_CUDA} build'"
 
 # ---------------------------------------------------------------- weights
-# Fetched and converted once, at build, by the same code the service loads them with
-# (scripts/fetch_weights.py and its *weights*.py helpers, with the model classes in effects/ and the ids in
-# service/settings.py). With the registry cache in cloudbuild.yaml this stage is rebuilt only when the
-# dependencies or the Python sources change; on a release that only touched docs or infrastructure the
-# weights layer is reused.
+# Fetched and converted once, at build, by the code the service loads them with: scripts/fetch_weights.py
+# and its *weights*.py helpers, the model classes in effects/, the model ids in service/settings.py.
+# With the registry cache in cloudbuild.yaml this stage is rebuilt only when the dependencies or these
+# sources change; a release that only touched docs, tests or infrastructure reuses the weights layer.
 FROM python-deps AS weights
 ENV HF_HOME=/tmp/huggingface \
     HF_HUB_DISABLE_TELEMETRY=1 \
@@ -86,13 +87,15 @@ FROM cuda AS runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # libGL and GLib for opencv-python (imported by transparent-background); pillow-heif's wheel bundles
-# libheif. The user the service runs as owns nothing in the image.
+# libheif. The service's user owns only its home directory: code, venv and weights are root's,
+# read-only to it. (Apt versions unpinned as above.)
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 cutout \
- && useradd --system --uid 10001 --gid cutout --home-dir /home/cutout --create-home --shell /usr/sbin/nologin cutout
+ && useradd --system --uid 10001 --gid cutout --home-dir /home/cutout --create-home \
+        --shell /usr/sbin/nologin cutout
 
 COPY --from=python-deps /opt/python /opt/python
 COPY --from=python-deps /opt/venv /opt/venv

@@ -115,10 +115,6 @@ resource "google_cloud_run_v2_service" "cutout" {
       condition     = var.min_instances <= var.max_instances
       error_message = "min_instances must not exceed max_instances."
     }
-    precondition {
-      condition     = var.startup_probe.failure_threshold * var.startup_probe.period_seconds <= 240
-      error_message = "Cloud Run rejects a startup probe whose failure_threshold x period_seconds exceeds 240 s."
-    }
   }
 
   depends_on = [

@@ -5,6 +5,8 @@
 resource "google_service_account" "runtime" {
   account_id   = "${local.name}-run"
   display_name = "Cutout service (Cloud Run runtime)"
+
+  depends_on = [google_project_service.enabled]
 }
 
 # Cloud Scheduler signs the warmup call's OIDC token as this account. It holds no roles: the service
@@ -12,12 +14,16 @@ resource "google_service_account" "runtime" {
 resource "google_service_account" "warmup" {
   account_id   = "${local.name}-warmup"
   display_name = "Cutout warmup caller (Cloud Scheduler)"
+
+  depends_on = [google_project_service.enabled]
 }
 
 # Cloud Build runs the image build as this account: it pushes to the repository and writes build logs.
 resource "google_service_account" "build" {
   account_id   = "${local.name}-build"
   display_name = "Cutout image build (Cloud Build)"
+
+  depends_on = [google_project_service.enabled]
 }
 
 # GitHub Actions impersonates this account through Workload Identity Federation (github.tf) to build,
@@ -25,6 +31,8 @@ resource "google_service_account" "build" {
 resource "google_service_account" "deployer" {
   account_id   = "${local.name}-deploy"
   display_name = "Cutout deployer (GitHub Actions)"
+
+  depends_on = [google_project_service.enabled]
 }
 
 locals {
