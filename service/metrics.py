@@ -134,6 +134,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._counters: dict[tuple[str, LabelKey], float] = {}
         self._distributions: dict[tuple[str, LabelKey], Distribution] = {}
+        self._changed = False
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_PrometheusView(self))
 
@@ -158,11 +159,19 @@ class Metrics:
         with self._lock:
             self._add("export_failures", {}, 1)
 
+    def take_changed(self) -> bool:
+        """Whether anything was observed since the last call."""
+        with self._lock:
+            changed, self._changed = self._changed, False
+            return changed
+
     def _add(self, name: str, labels: dict[str, str], amount: float) -> None:
+        self._changed = True
         key = (name, tuple(sorted(labels.items())))
         self._counters[key] = self._counters.get(key, 0.0) + amount
 
     def _observe(self, name: str, labels: dict[str, str], value: float, bounds: tuple[float, ...]) -> None:
+        self._changed = True
         key = (name, tuple(sorted(labels.items())))
         distribution = self._distributions.get(key)
         if distribution is None:
@@ -293,11 +302,12 @@ class MonitoringExporter:
         self._task = asyncio.create_task(self._run(), name="cutout-metrics-export")
 
     async def stop(self) -> None:
-        """Stop the flusher and write the last figures (waiting out the 5 s gap if needed)."""
+        """Stop the flusher and write what changed since the last flush (waiting out the 5 s gap)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self.flush()
+        if self.metrics.take_changed():
+            await self.flush()
 
     async def _run(self) -> None:
         while True:
@@ -310,6 +320,7 @@ class MonitoringExporter:
             wait = self._last_write + MIN_WRITE_GAP_S - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            self.metrics.take_changed()
             series = self.time_series(self.metrics.snapshot(), time.time())
             written = 0
             for start in range(0, len(series), MAX_SERIES_PER_CALL):
@@ -324,7 +335,8 @@ class MonitoringExporter:
                     )
                     continue
                 written += len(chunk)
-            self._last_write = time.monotonic()
+            if written:
+                self._last_write = time.monotonic()
             return written
 
     def _write(self, chunk: Sequence[Any]) -> None:
