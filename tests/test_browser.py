@@ -166,6 +166,11 @@ def test_demo_page_uploads_once_retries_a_429_and_answers_repeats_from_the_hash(
     waited_ms = uploads[1]["sentAt"] - uploads[0]["doneAt"]
     assert waited_ms >= 900, f"the retry came {waited_ms} ms after the 429; Retry-After said 1 s"
     assert first["uploaded"] == "true"
+    # What the page showed: the check, the upload with progress, the wait for Retry-After, the retry.
+    stages = first["stages"]
+    assert stages[:3] == ["preparing", "checking", "uploading"], stages
+    assert "uploading" in stages[stages.index("waiting") + 1 :], stages
+    assert stages[-2:] == ["processing", "done"], stages
     browser_hash = miss["kind"].split(":", 1)[1]
     assert first["sha256"] == browser_hash, "the service hashed the uploaded bytes to the browser's hash"
 
@@ -175,6 +180,7 @@ def test_demo_page_uploads_once_retries_a_429_and_answers_repeats_from_the_hash(
     assert hit["kind"] == miss["kind"], "the browser's resize is deterministic: same photo, same hash"
     assert kinds(second, "upload") == []
     assert second["uploaded"] == "false"
+    assert second["stages"] == ["preparing", "checking", "done"]
     assert uploads_seen_by_proxy == [429, 200], "the proxy saw the same: two upload attempts, both in visit 1"
 
     for visit in (first, second):

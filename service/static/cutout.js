@@ -228,9 +228,10 @@
     }
 
     /** POST, retrying 429/503 after Retry-After (capped), at most `maxRetries` times. */
-    function postWithRetries(form, settings, stage, onUploadProgress) {
+    function postWithRetries(form, settings, stage, onUploadProgress, onAttempt) {
       var attempt = 0;
       function tryOnce() {
+        if (onAttempt) onAttempt(attempt);
         return post(url("/v1/process"), form, settings, onUploadProgress).then(function (response) {
           if (RETRIED_STATUSES.indexOf(response.status) >= 0 && attempt < settings.maxRetries) {
             var delay = retryDelay(response.retryAfter, attempt, settings.maxRetryDelayMs);
@@ -319,16 +320,18 @@
             }
             var form = requestForm(settings);
             form.append("image", prepared.blob, prepared.blob.type === "image/png" ? "photo.png" : "photo.jpg");
-            report(progress, { stage: "uploading", fraction: 0.05, loaded: 0, total: prepared.blob.size });
-            return postWithRetries(form, settings, "uploading", function (loaded, total) {
-              var done = loaded >= total;
+            var onUploadProgress = function (loaded, total) {
               report(progress, {
-                stage: done ? "processing" : "uploading",
+                stage: loaded >= total ? "processing" : "uploading",
                 fraction: 0.05 + 0.55 * (total ? loaded / total : 1),
                 loaded: loaded,
                 total: total,
               });
-            }).then(function (response) {
+            };
+            var onAttempt = function (attempt) {
+              report(progress, { stage: "uploading", fraction: 0.05, loaded: 0, total: prepared.blob.size, attempt: attempt });
+            };
+            return postWithRetries(form, settings, "uploading", onUploadProgress, onAttempt).then(function (response) {
               if (response.status !== 200) throw errorFrom(response);
               if (prepared.sha256 && response.body.image_sha256 !== prepared.sha256 && root.console) {
                 root.console.warn("Cutout: the service hashed the upload differently; repeat photos will upload again");

@@ -74,6 +74,7 @@ async function visit(page, label, log, consoleLines) {
     status: document.getElementById("status").textContent,
     sha256: document.body.dataset.sha256 || null,
     uploaded: document.body.dataset.uploaded || null,
+    stages: (document.body.dataset.stages || "").split(","),
     previews: [...document.querySelectorAll("#previews figure")].map((figure) => {
       const img = figure.querySelector("img");
       return {
