@@ -124,6 +124,11 @@ resource "google_cloud_run_v2_service" "cutout" {
 }
 
 locals {
+  # What one instance costs per second at list price in Tier 1 regions (docs/cost.md); the service
+  # multiplies it by the GPU-bound seconds of each image for the cost_per_image_usd metric.
+  l4_usd_per_second       = var.gpu_zonal_redundancy_disabled ? 0.0001867 : 0.0002909
+  instance_usd_per_second = local.l4_usd_per_second + var.cpu * 0.000018 + var.memory_gib * 0.000002
+
   # Every CUTOUT_* setting (service/settings.py) the environment decides. HOST=0.0.0.0, PORT and
   # CUTOUT_MODELS_DIR=/models come from the image; Cloud Run sets PORT.
   service_env = {
@@ -149,5 +154,6 @@ locals {
     CUTOUT_METRICS_EXPORT         = "cloud_monitoring"
     CUTOUT_GCP_PROJECT            = var.project_id
     CUTOUT_GCP_REGION             = var.region
+    CUTOUT_L4_USD_PER_SECOND      = tostring(local.instance_usd_per_second)
   }
 }

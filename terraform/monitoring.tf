@@ -1,6 +1,7 @@
 # Alerts on what a storefront customer or the bill would notice, and one dashboard.
-# Cloud Run's built-in metrics are filtered to this service; the cache metric is the service's own
-# (custom.googleapis.com/cutout/..., written through the Cloud Monitoring API).
+# Cloud Run's built-in metrics are filtered to this service. The service's own metrics
+# (service/metrics.py) are custom.googleapis.com/cutout/<name> on the generic_task resource: counters
+# are CUMULATIVE INT64, latencies and per-image figures CUMULATIVE distributions, the rest gauges.
 
 locals {
   run_filter = "resource.type = \"cloud_run_revision\" AND resource.label.service_name = \"${local.name}\""
@@ -330,15 +331,15 @@ locals {
       }]
     },
     {
-      title = "Stage latency (ms, mean per stage)"
+      title = "Stage latency p95 (ms)"
       series = [{
         legend = "$${metric.labels.stage}"
         query = {
           filter = "metric.type = \"custom.googleapis.com/cutout/stage_latency_ms\""
           aggregation = {
             alignmentPeriod    = "300s"
-            perSeriesAligner   = "ALIGN_MEAN"
-            crossSeriesReducer = "REDUCE_MEAN"
+            perSeriesAligner   = "ALIGN_DELTA"
+            crossSeriesReducer = "REDUCE_PERCENTILE_95"
             groupByFields      = ["metric.label.stage"]
           }
         }
@@ -373,29 +374,29 @@ locals {
       }]
     },
     {
-      title = "GPU-seconds per image"
+      title = "GPU-seconds per image (median)"
       series = [{
-        legend = "mean"
+        legend = "p50"
         query = {
           filter = "metric.type = \"custom.googleapis.com/cutout/gpu_seconds_per_image\""
           aggregation = {
             alignmentPeriod    = "300s"
-            perSeriesAligner   = "ALIGN_MEAN"
-            crossSeriesReducer = "REDUCE_MEAN"
+            perSeriesAligner   = "ALIGN_DELTA"
+            crossSeriesReducer = "REDUCE_PERCENTILE_50"
           }
         }
       }]
     },
     {
-      title = "Cost per image (USD)"
+      title = "Cost per image (USD, median)"
       series = [{
-        legend = "mean"
+        legend = "p50"
         query = {
           filter = "metric.type = \"custom.googleapis.com/cutout/cost_per_image_usd\""
           aggregation = {
             alignmentPeriod    = "300s"
-            perSeriesAligner   = "ALIGN_MEAN"
-            crossSeriesReducer = "REDUCE_MEAN"
+            perSeriesAligner   = "ALIGN_DELTA"
+            crossSeriesReducer = "REDUCE_PERCENTILE_50"
           }
         }
       }]

@@ -237,6 +237,17 @@ def test_client_ip_is_second_from_the_right_behind_the_load_balancer() -> None:
     assert service_env()["CUTOUT_TRUSTED_PROXY_HOPS"] == "${tostring(var.trusted_proxy_hops)}"
 
 
+@pytest.mark.parametrize(("environment", "usd_per_second"), [("staging", 0.0003947), ("production", 0.0004989)])
+def test_cost_metric_uses_the_instance_price_of_the_environment(environment: str, usd_per_second: float) -> None:
+    # docs/cost.md: L4 $0.0001867/s without zonal redundancy, $0.0002909/s with; $0.000018/vCPU-s; $0.000002/GiB-s.
+    locals_ = config()["locals"]
+    assert locals_["l4_usd_per_second"] == "${var.gpu_zonal_redundancy_disabled ? 0.0001867 : 0.0002909}"
+    assert service_env()["CUTOUT_L4_USD_PER_SECOND"] == "${tostring(local.instance_usd_per_second)}"
+    gpu = 0.0001867 if effective("gpu_zonal_redundancy_disabled", environment) else 0.0002909
+    price = gpu + effective("cpu", environment) * 0.000018 + effective("memory_gib", environment) * 0.000002
+    assert price == pytest.approx(usd_per_second)
+
+
 def test_shutdown_grace_below_cloud_runs_sigkill() -> None:
     assert default("shutdown_grace_s") < 10
 
