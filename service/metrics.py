@@ -66,13 +66,13 @@ class MetricDef:
 DEFINITIONS = {
     d.name: d
     for d in (
-        MetricDef("cache_results", "counter", "int", "1", "Results answered, by cache outcome (hit, miss, bypass)."),
+        MetricDef("cache_requests", "counter", "int", "1", "Result cache lookups, by outcome (hit, miss, bypass)."),
         MetricDef("rate_limited", "counter", "int", "1", "Requests refused with 429, by route family."),
         MetricDef("stage_latency_ms", "distribution", "distribution", "ms", "Time spent in each stage of a request."),
         MetricDef(
             "gpu_seconds_per_image", "distribution", "distribution", "s", "GPU-bound seconds per computed image."
         ),
-        MetricDef("cost_usd_per_image", "distribution", "distribution", "USD", "GPU-seconds x the L4 instance price."),
+        MetricDef("cost_per_image_usd", "distribution", "distribution", "USD", "GPU-seconds x the L4 instance price."),
         MetricDef("cold_start_seconds", "gauge", "double", "s", "Process start to every model loaded and warm."),
         MetricDef("gpu_memory_bytes", "gauge", "int", "By", "CUDA memory held by tensors: allocated now, and peak."),
         MetricDef("export_failures", "counter", "int", "1", "Metric writes to Cloud Monitoring that failed."),
@@ -143,13 +143,13 @@ class Metrics:
     def observe_request(self, record: RequestRecord) -> None:
         with self._lock:
             for outcome in record.cache.values():
-                self._add("cache_results", {"outcome": outcome}, 1)
+                self._add("cache_requests", {"outcome": outcome}, 1)
             for name, seconds in record.stages:
                 self._observe("stage_latency_ms", {"stage": name}, seconds * 1000.0, STAGE_BOUNDS_MS)
             if record.computed:
                 self._observe("gpu_seconds_per_image", {}, record.gpu_seconds, GPU_SECONDS_BOUNDS)
                 cost_bounds = tuple(bound * self.usd_per_second for bound in GPU_SECONDS_BOUNDS)
-                self._observe("cost_usd_per_image", {}, record.gpu_seconds * self.usd_per_second, cost_bounds)
+                self._observe("cost_per_image_usd", {}, record.gpu_seconds * self.usd_per_second, cost_bounds)
 
     def count_rate_limited(self, family: str) -> None:
         with self._lock:
@@ -391,7 +391,6 @@ class MonitoringExporter:
                         "resource": {"type": "generic_task", "labels": self.resource_labels},
                         "metric_kind": kinds[definition.kind],
                         "value_type": value_types[definition.value_type],
-                        "unit": definition.unit,
                         "points": [{"interval": interval, "value": typed}],
                     }
                 )

@@ -74,11 +74,11 @@ class Settings(BaseSettings):
     gcp_project: str = ""
     gcp_region: str = "global"
     revision: str = Field(default="local", validation_alias="K_REVISION")
-    # Cloud Run, Tier 1 region, instance-based billing (https://cloud.google.com/run/pricing; the
-    # Cloud Billing SKUs for us-central1 as of 2026-08): NVIDIA L4 without zonal redundancy
-    # $0.0001867/s + the 4 vCPU x $0.000018/s + 16 GiB x $0.000002/s an L4 instance needs at least.
-    # With zonal redundancy the GPU is $0.0002909/s; with more CPU or memory, add them.
-    l4_usd_per_second: float = Field(default=0.0002907, ge=0.0)
+    # What one second of the L4 instance costs. Cloud Run, Tier 1 region, instance-based billing
+    # (https://cloud.google.com/run/pricing; Cloud Billing SKUs for us-central1, 2026-08; docs/cost.md):
+    # L4 with zonal redundancy $0.0002909/s (without: $0.0001867/s) + 8 vCPU x $0.000018/s
+    # + 32 GiB x $0.000002/s, the production shape in terraform/. Set it for other shapes.
+    l4_usd_per_second: float = Field(default=0.000499, ge=0.0)
     log_format: Literal["json", "text"] = "json"
 
     @field_validator("public_url", "cdn_url")

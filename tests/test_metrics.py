@@ -140,8 +140,8 @@ def test_the_flusher_writes_through_the_real_client(
 
     series = {(s.metric.type, tuple(sorted(s.metric.labels.items()))): s for s in monitoring.series()}
     prefix = "custom.googleapis.com/cutout/"
-    misses = series[(prefix + "cache_results", (("outcome", "miss"),))]
-    hits = series[(prefix + "cache_results", (("outcome", "hit"),))]
+    misses = series[(prefix + "cache_requests", (("outcome", "miss"),))]
+    hits = series[(prefix + "cache_requests", (("outcome", "hit"),))]
     assert misses.points[0].value.int64_value == 2 and hits.points[0].value.int64_value == 2
     assert misses.metric_kind == MetricKind.CUMULATIVE and misses.value_type == ValueType.INT64
     start, end = misses.points[0].interval.start_time, misses.points[0].interval.end_time
@@ -155,7 +155,7 @@ def test_the_flusher_writes_through_the_real_client(
 
     images_computed = series[(prefix + "gpu_seconds_per_image", ())].points[0].value.distribution_value
     assert images_computed.count == 1 and images_computed.mean > 0  # the second request was all hits
-    cost = series[(prefix + "cost_usd_per_image", ())].points[0].value.distribution_value
+    cost = series[(prefix + "cost_per_image_usd", ())].points[0].value.distribution_value
     assert cost.mean == pytest.approx(images_computed.mean * Settings().l4_usd_per_second)
 
     memory = series[(prefix + "gpu_memory_bytes", (("kind", "allocated"),))]
@@ -226,7 +226,7 @@ def test_prometheus_text_at_metrics(client_factory: Callable[..., TestClient]) -
     client = client_factory()
     process(client)
     text = client.get("/metrics").text
-    assert 'cutout_cache_results_total{outcome="miss"} 1.0' in text
+    assert 'cutout_cache_requests_total{outcome="miss"} 1.0' in text
     assert 'cutout_stage_latency_ms_count{stage="effect"} 1.0' in text
     assert "cutout_gpu_seconds_per_image_count 1.0" in text
     assert 'cutout_gpu_memory_bytes{kind="peak"} 0.0' in text
