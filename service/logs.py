@@ -37,6 +37,7 @@ access_log = logging.getLogger("cutout.access")
 
 _SEVERITY = {"DEBUG": "DEBUG", "INFO": "INFO", "WARNING": "WARNING", "ERROR": "ERROR", "CRITICAL": "CRITICAL"}
 # Attributes every LogRecord has; anything else came from `extra=` and becomes a field.
+# (`color_message` is uvicorn's ANSI-coloured copy of the message.)
 _RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
 _tracer = trace.get_tracer("cutout.flow")
 
