@@ -190,24 +190,33 @@ class Flow:
         self.cache_counts: dict[CacheOutcome, int] = {"hit": 0, "miss": 0, "bypass": 0}
         self.store_errors = 0
 
-    def recipe(self, image_hash: str, name: str, request: ProcessRequest) -> Recipe:
+    def recipe(self, image_hash: str, name: str, request: ProcessRequest) -> Recipe | None:
+        """The recipe of one result, or None when a model it needs has no weights (so no id)."""
         effect = EFFECTS[name]
-        model_ids = []
+        model_ids: list[str | None] = []
         if request.background.needs_mask:
-            model_ids.append(self.engine.model_id(CUTOUT) or "unavailable")
+            model_ids.append(self.engine.model_id(CUTOUT))
         if effect.kind == "diffusion":
-            model_ids.append(self.engine.model_id(name) or "unavailable")
+            model_ids.append(self.engine.model_id(name))
+        if None in model_ids:
+            return None
         return Recipe(
             image_sha256=image_hash,
             effect=name,
             effect_version=effect.version,
-            model_id="+".join(model_ids) or None,
+            model_id="+".join(m for m in model_ids if m) or None,
             params=request.params[name].model_dump(mode="json"),
             background=request.background.canonical(),
             format=request.format,
             max_size=request.max_size,
             seed=request.seed,
         )
+
+    def result_key(self, image_hash: str, name: str, request: ProcessRequest) -> str:
+        recipe = self.recipe(image_hash, name, request)
+        if recipe is None:  # check_models ran first, so every needed model has its id
+            raise ModelUnavailable(f"{name} needs a model whose weights are absent", retry_after=60)
+        return recipe.result_key()
 
     def check_models(self, request: ProcessRequest, names: list[str]) -> None:
         """Refuse before any work when a model the request needs cannot run now."""
@@ -222,35 +231,44 @@ class Flow:
             raise ModelUnavailable(str(exc), retry_after=60) from exc
 
     async def lookup(self, image_hash: str, request: ProcessRequest, *, want_bytes: bool) -> dict[str, EffectResult]:
-        """Results already in the store, by effect name."""
-        found: dict[str, EffectResult] = {}
-        for name in request.effects:
-            recipe = self.recipe(image_hash, name, request)
-            if recipe.model_id is not None and "unavailable" in recipe.model_id:
-                continue  # no key can be derived without the model's id
-            key = recipe.result_key()
-            obj = result_object(key, request.format)
-            try:
-                data = await asyncio.to_thread(self.store.get, obj) if want_bytes else None
-                info = image_info(data) if data is not None else await asyncio.to_thread(self.store.lookup, obj)
-            except Exception as exc:
-                self._store_failed("lookup", obj, exc)
-                continue
-            if info is None:
-                continue
-            width, height, size = info
-            found[name] = EffectResult(
-                effect=name,
-                key=key,
-                url=self.store.result_url(key, request.format),
-                cache="hit",
-                content_type=imaging.OUTPUT_FORMATS[request.format],
-                width=width,
-                height=height,
-                size=size,
-                data=data,
-            )
-        return found
+        """Results already in the store, by effect name; the effects are looked up concurrently."""
+        found = await asyncio.gather(
+            *(self._lookup_one(image_hash, name, request, want_bytes=want_bytes) for name in request.effects)
+        )
+        return {result.effect: result for result in found if result is not None}
+
+    async def _lookup_one(
+        self, image_hash: str, name: str, request: ProcessRequest, *, want_bytes: bool
+    ) -> EffectResult | None:
+        recipe = self.recipe(image_hash, name, request)
+        if recipe is None:
+            return None  # a model whose weights are absent: nothing can have been stored under its id
+        key = recipe.result_key()
+        obj = result_object(key, request.format)
+        data: bytes | None = None
+        try:
+            if want_bytes:
+                data = await asyncio.to_thread(self.store.get, obj)
+                info = image_info(data) if data is not None else None
+            else:
+                info = await asyncio.to_thread(self.store.lookup, obj)
+        except Exception as exc:
+            self._store_failed("lookup", obj, exc)
+            return None
+        if info is None:
+            return None
+        width, height, size = info
+        return EffectResult(
+            effect=name,
+            key=key,
+            url=self.store.result_url(key, request.format),
+            cache="hit",
+            content_type=imaging.OUTPUT_FORMATS[request.format],
+            width=width,
+            height=height,
+            size=size,
+            data=data,
+        )
 
     async def from_hash(self, image_hash: str, request: ProcessRequest, *, want_bytes: bool) -> ProcessOutcome:
         """Hash-first: answer from the store alone, or tell the client to upload the photo."""
@@ -328,7 +346,7 @@ class Flow:
                 data = await asyncio.to_thread(imaging.encode, pixels, request.format, self.settings.png_compress_level)
                 span.set_attribute("cutout.bytes", len(data))
             encode_ms.append(_ms_since(clock))
-            key = self.recipe(image_hash, name, request).result_key()
+            key = self.result_key(image_hash, name, request)
             clock = time.perf_counter()
             with stage("store", effect=name, bytes=len(data)) as span:
                 outcome = await self._store(
@@ -371,7 +389,9 @@ class Flow:
         """The subject mask: from the mask cache, or from the model (then cached)."""
         from effects.inspyrenet import dequantise_mask, quantise_mask
 
-        model_id = self.engine.model_id(CUTOUT) or "unavailable"
+        model_id = self.engine.model_id(CUTOUT)
+        if model_id is None:
+            raise ModelUnavailable(f"{CUTOUT} has no weights", retry_after=60)
         name = mask_object(image_hash, model_id)
         try:
             stored = await asyncio.to_thread(self.store.get, name)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "dev", "development"})
+DIFFUSION_EFFECTS = ("upscale", "enhance", "comic", "aged")
 
 
 class Settings(BaseSettings):
@@ -28,7 +30,7 @@ class Settings(BaseSettings):
     compile_model: bool = False
     mask_batch_size: int = Field(default=8, ge=1, le=64)
     mask_batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
-    diffusion_effects: list[str] = Field(default_factory=lambda: ["upscale", "enhance", "comic", "aged"])
+    diffusion_effects: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DIFFUSION_EFFECTS))
     diffusion_budget_gb: float = Field(default=16.0, gt=0.0)
 
     # Result cache.
@@ -50,7 +52,9 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(default=3, ge=0, le=9)
 
     # Browsers allowed to call the API (the storefront's origins). "*" allows any origin.
-    allowed_origins: list[str] = Field(default_factory=lambda: ["http://localhost:8080", "http://127.0.0.1:8080"])
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://localhost:8080", "http://127.0.0.1:8080"]
+    )
 
     # Operations (docs/operations.md). Rate limits are per client and route family, in the
     # `limits` notation ("30/minute", "5/second;100/hour").
@@ -80,6 +84,27 @@ class Settings(BaseSettings):
     # + 32 GiB x $0.000002/s, the production shape in terraform/. Set it for other shapes.
     l4_usd_per_second: float = Field(default=0.000499, ge=0.0)
     log_format: Literal["json", "text"] = "json"
+
+    @field_validator("diffusion_effects", "allowed_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """Lists come as JSON (`["a","b"]`) or comma-separated (`a,b`) from the environment."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("diffusion_effects")
+    @classmethod
+    def _known_diffusion_effects(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(DIFFUSION_EFFECTS))
+        if unknown:
+            raise ValueError(
+                f"unknown diffusion effect {', '.join(unknown)}; choose from {', '.join(DIFFUSION_EFFECTS)}"
+            )
+        return list(dict.fromkeys(value))
 
     @field_validator("public_url", "cdn_url")
     @classmethod

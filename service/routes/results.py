@@ -9,9 +9,9 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from cache.keys import result_object
-from cache.store import CONTENT_TYPES, IMMUTABLE_CACHE_CONTROL
+from cache.store import CONTENT_TYPES, IMMUTABLE_CACHE_CONTROL, StoreError
 from service.deps import StoreDep
-from service.errors import ResultNotFound
+from service.errors import ResultNotFound, ServiceUnavailable
 
 router = APIRouter(tags=["results"])
 _RESULT_NAME = re.compile(r"^([0-9a-f]{64})\.(png|webp|jpeg)$")
@@ -24,7 +24,10 @@ async def result(name: str, store: StoreDep) -> Response:
     if match is None:
         raise ResultNotFound(f"{name!r} is not a result name; results are named <64 hex key>.<png|webp|jpeg>")
     key, extension = match.groups()
-    data = await asyncio.to_thread(store.get, result_object(key, extension))
+    try:
+        data = await asyncio.to_thread(store.get, result_object(key, extension))
+    except StoreError as exc:
+        raise ServiceUnavailable("the result store is unavailable; retry shortly", retry_after=5) from exc
     if data is None:
         raise ResultNotFound(f"no stored result {name}; process the photo again with POST /v1/process")
     return Response(
