@@ -331,6 +331,21 @@ locals {
       }]
     },
     {
+      title = "Requests refused by the service's limiter (429 per second)"
+      series = [{
+        legend = "$${metric.labels.family}"
+        query = {
+          filter = "metric.type = \"custom.googleapis.com/cutout/rate_limited\""
+          aggregation = {
+            alignmentPeriod    = "300s"
+            perSeriesAligner   = "ALIGN_RATE"
+            crossSeriesReducer = "REDUCE_SUM"
+            groupByFields      = ["metric.label.family"]
+          }
+        }
+      }]
+    },
+    {
       title = "Stage latency p95 (ms)"
       series = [{
         legend = "$${metric.labels.stage}"
