@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# checkov pins its own dependency tree, so it lives in a virtualenv of its own.
+IAC_VENV := .venv-iac
+IAC_STAMP := $(IAC_VENV)/.installed
 APT_PACKAGES := chromium libgl1 libglib2.0-0
 MODELS_DIR ?= models
 
@@ -14,16 +17,25 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(BIN)/pip install --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+$(IAC_STAMP): requirements-iac.txt
+	test -x $(IAC_VENV)/bin/python || $(PYTHON) -m venv $(IAC_VENV)
+	$(IAC_VENV)/bin/pip install --disable-pip-version-check -r requirements-iac.txt
+	touch $@
+
 ## Set up and serve on http://127.0.0.1:8080 with the local result store (CPU or GPU, no cloud credentials).
 run: $(STAMP)
 	$(BIN)/python -m service
 
 ## Set up and run every check: lint, types, infrastructure checks, and the whole test suite.
-test: $(STAMP) system-deps node-deps
+test: $(STAMP) $(IAC_STAMP) system-deps node-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	scripts/check_iac.sh
 	$(BIN)/pytest
+
+iac: $(STAMP) $(IAC_STAMP) node-deps
+	scripts/check_iac.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -38,8 +50,9 @@ unit: $(STAMP)
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  if [ "$$(id -u)" = 0 ]; then sudo=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo=sudo; \
 	  else echo "install these system packages first: sudo apt-get install$$missing" >&2; exit 1; fi; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
 	fi
 
 node-deps: node_modules/.installed
@@ -60,4 +73,4 @@ bench: $(STAMP)
 	$(BIN)/python scripts/bench_effects.py
 
 clean:
-	rm -rf $(VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(IAC_VENV) node_modules .pytest_cache .mypy_cache .ruff_cache
