@@ -639,6 +639,16 @@ def _meta_model(component: str, config: dict[str, Any]) -> torch.nn.Module:
     return model
 
 
+def production_model(effect_name: str, component: str) -> torch.nn.Module:
+    """One model of an effect's production pipeline ('unet', 'vae', 'text_encoder', 'text_encoder_2'),
+    built from its vendored config on the `meta` device: real shapes, no weights."""
+    diffusion_spec(effect_name)
+    path = MODEL_CONFIGS_DIR / effect_name / f"{component}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the production {component} config of {effect_name!r}")
+    return _meta_model(component, json.loads(path.read_text(encoding="utf-8")))
+
+
 @cache
 def component_parameter_counts(effect_name: str) -> dict[str, int]:
     """Parameters (and buffers) of each model of an effect's production pipeline, e.g. {'unet': 859520964, ...}."""
@@ -646,8 +656,7 @@ def component_parameter_counts(effect_name: str) -> dict[str, int]:
     directory = MODEL_CONFIGS_DIR / effect_name
     counts: dict[str, int] = {}
     for path in sorted(directory.glob("*.json")):
-        config = json.loads(path.read_text(encoding="utf-8"))
-        model = _meta_model(path.stem, config)
+        model = production_model(effect_name, path.stem)
         counts[path.stem] = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
     if "unet" not in counts or "vae" not in counts:
         raise FileNotFoundError(f"{directory} must hold unet.json and vae.json of the production pipeline")

@@ -15,7 +15,7 @@ from effects.diffusion import DiffusionSpec, UpscaleParams
 
 class Params(UpscaleParams):
     steps: int = Field(
-        default=25, ge=5, le=75, description="Sampler steps: more recover finer detail and take proportionally longer."
+        default=20, ge=5, le=75, description="Sampler steps: more recover finer detail and take proportionally longer."
     )
     guidance_scale: float = Field(
         default=7.5,

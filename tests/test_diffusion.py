@@ -57,15 +57,17 @@ def cutout_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def diffusion_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("models")
     write_tiny_pipelines(directory, DIFFUSION_EFFECTS, seed=0)
     return directory
 
 
 @pytest.fixture(scope="module")
-def pipelines(models_dir: Path) -> dict[str, LoadedPipeline]:
-    return {effect: load_pipeline(effect, models_dir / effect, CPU, torch.float32) for effect in DIFFUSION_EFFECTS}
+def pipelines(diffusion_models_dir: Path) -> dict[str, LoadedPipeline]:
+    return {
+        effect: load_pipeline(effect, diffusion_models_dir / effect, CPU, torch.float32) for effect in DIFFUSION_EFFECTS
+    }
 
 
 # Upscale works in pixel space at 4×: a smaller input keeps its job as quick as the others.
@@ -83,18 +85,20 @@ def first_results(pipelines: dict[str, LoadedPipeline]) -> dict[str, torch.Tenso
 # --- Loading ------------------------------------------------------------------------------------
 
 
-def test_tiny_pipelines_are_written_in_the_serving_layout(models_dir: Path) -> None:
+def test_tiny_pipelines_are_written_in_the_serving_layout(diffusion_models_dir: Path) -> None:
     for effect in DIFFUSION_EFFECTS:
-        directory = models_dir / effect
+        directory = diffusion_models_dir / effect
         assert (directory / "model_index.json").is_file()
         assert (directory / "unet" / "diffusion_pytorch_model.safetensors").is_file()
         assert (directory / "vae" / "diffusion_pytorch_model.safetensors").is_file()
         assert not list(directory.rglob("*.bin")), "weights must be safetensors only"
         manifest = (directory / MANIFEST_FILE).read_text(encoding="utf-8")
         assert f'"model_id": "{effect}-' in manifest
-    assert (models_dir / "enhance" / "text_encoder_2" / "model.safetensors").is_file()
-    assert not (models_dir / "enhance" / "text_encoder").exists(), "the SDXL refiner has no first text encoder"
-    assert (models_dir / "upscale" / "low_res_scheduler" / "scheduler_config.json").is_file()
+    assert (diffusion_models_dir / "enhance" / "text_encoder_2" / "model.safetensors").is_file()
+    assert not (diffusion_models_dir / "enhance" / "text_encoder").exists(), (
+        "the SDXL refiner has no first text encoder"
+    )
+    assert (diffusion_models_dir / "upscale" / "low_res_scheduler" / "scheduler_config.json").is_file()
 
 
 def test_loaded_pipelines_are_ready_to_serve(pipelines: dict[str, LoadedPipeline]) -> None:
@@ -125,9 +129,9 @@ def test_loaded_pipelines_are_ready_to_serve(pipelines: dict[str, LoadedPipeline
     assert pipelines["upscale"].pipeline.vae.use_tiling
 
 
-def test_load_logs_one_line_with_time_and_memory(models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_load_logs_one_line_with_time_and_memory(diffusion_models_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="effects.diffusion"):
-        loaded = load_pipeline("comic", models_dir / "comic", CPU, torch.float32)
+        loaded = load_pipeline("comic", diffusion_models_dir / "comic", CPU, torch.float32)
     records = [r for r in caplog.records if r.name == "effects.diffusion"]
     assert len(records) == 1
     record = records[0]
@@ -136,21 +140,21 @@ def test_load_logs_one_line_with_time_and_memory(models_dir: Path, caplog: pytes
     assert "seconds=" in record.getMessage() and f"weight_bytes={loaded.weight_bytes}" in record.getMessage()
 
 
-def test_missing_directory_makes_only_that_effect_unavailable(models_dir: Path, tmp_path: Path) -> None:
+def test_missing_directory_makes_only_that_effect_unavailable(diffusion_models_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(PipelineUnavailable) as caught:
         load_pipeline("comic", tmp_path / "nowhere" / "comic", CPU, torch.float32)
     assert caught.value.effect == "comic"
     assert "comic" in str(caught.value) and str(tmp_path / "nowhere" / "comic") in str(caught.value)
     assert "fetch_weights" in str(caught.value)
     # The other effects load and run as before.
-    loaded = load_pipeline("aged", models_dir / "aged", CPU, torch.float32)
+    loaded = load_pipeline("aged", diffusion_models_dir / "aged", CPU, torch.float32)
     result = run_diffusion(loaded, cutout_image(32, 48), fast_params("aged"), seed=1)
     assert result.shape == (1, 4, 32, 48)
 
 
-def test_corrupt_weights_are_a_clear_load_error(models_dir: Path, tmp_path: Path) -> None:
+def test_corrupt_weights_are_a_clear_load_error(diffusion_models_dir: Path, tmp_path: Path) -> None:
     broken = tmp_path / "comic"
-    shutil.copytree(models_dir / "comic", broken)
+    shutil.copytree(diffusion_models_dir / "comic", broken)
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:4096])
     with pytest.raises(PipelineUnavailable) as caught:
@@ -159,21 +163,21 @@ def test_corrupt_weights_are_a_clear_load_error(models_dir: Path, tmp_path: Path
     assert "cannot load" in caught.value.reason and str(broken) in caught.value.reason
 
 
-def test_incomplete_or_wrong_pipeline_directories_are_refused(models_dir: Path, tmp_path: Path) -> None:
+def test_incomplete_or_wrong_pipeline_directories_are_refused(diffusion_models_dir: Path, tmp_path: Path) -> None:
     incomplete = tmp_path / "aged"
-    shutil.copytree(models_dir / "aged", incomplete)
+    shutil.copytree(diffusion_models_dir / "aged", incomplete)
     (incomplete / "model_index.json").unlink()
     with pytest.raises(PipelineUnavailable, match=r"model_index\.json is missing"):
         load_pipeline("aged", incomplete, CPU, torch.float32)
     with pytest.raises(PipelineUnavailable, match="holds a 'StableDiffusionImg2ImgPipeline' pipeline, expected"):
-        load_pipeline("enhance", models_dir / "comic", CPU, torch.float32)
+        load_pipeline("enhance", diffusion_models_dir / "comic", CPU, torch.float32)
 
 
-def test_unknown_effect_and_cpu_half_precision_are_refused(models_dir: Path) -> None:
+def test_unknown_effect_and_cpu_half_precision_are_refused(diffusion_models_dir: Path) -> None:
     with pytest.raises(ValueError, match="not a diffusion effect"):
-        load_pipeline("popart", models_dir / "comic", CPU, torch.float32)
+        load_pipeline("popart", diffusion_models_dir / "comic", CPU, torch.float32)
     with pytest.raises(ValueError, match="float16 diffusion runs on CUDA only"):
-        load_pipeline("comic", models_dir / "comic", CPU, torch.float16)
+        load_pipeline("comic", diffusion_models_dir / "comic", CPU, torch.float16)
 
 
 # --- Running ------------------------------------------------------------------------------------
