@@ -22,6 +22,7 @@ any request, so the engine's "mask batch" span links to every request it served 
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 PROBE_PATHS = frozenset({"/health", "/ready", "/metrics"})
 
+log = logging.getLogger("cutout.telemetry")
 _tracer = trace.get_tracer("cutout.flow")
 
 
@@ -226,7 +228,13 @@ class TraceExport:
         if settings.trace_export == "cloud_trace":
             from opentelemetry.exporter.cloud_trace import CloudTraceSpanExporter
 
-            self.processor = BatchSpanProcessor(CloudTraceSpanExporter(project_id=settings.gcp_project))
+            try:
+                exporter = CloudTraceSpanExporter(project_id=settings.gcp_project)
+            except Exception as exc:
+                # No credentials or no client: the service runs on, its spans unexported.
+                log.error("trace export disabled: %s: %s", exc.__class__.__name__, exc)
+                return
+            self.processor = BatchSpanProcessor(exporter)
             install_tracing().add_span_processor(self.processor)
 
     def shutdown(self) -> None:

@@ -127,3 +127,16 @@ def test_a_repeat_is_a_lookup_without_decoding(
     names = {span.name: span for span in in_trace(spans, int(TRACE_ID[:-1] + "7", 16))}
     assert names["cache lookup"].attributes["cutout.hits"] == 1
     assert "decode" not in names and "effect" not in names
+
+
+def test_exporters_without_credentials_leave_the_service_running(
+    client_factory: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A credentials file that does not exist: google-auth fails at once, without any network.
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", "/nonexistent/cutout-credentials.json")
+    with caplog.at_level("ERROR"):
+        client = client_factory(trace_export="cloud_trace", metrics_export="cloud_monitoring", gcp_project="p")
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith("trace export disabled") for message in messages)
+    assert any(message.startswith("metrics export disabled") for message in messages)
+    post(client, {}, effects="dithering", background="none")
