@@ -247,7 +247,7 @@ class LoadedPipeline:
         return self.weight_bytes
 
 
-def _disable_library_progress_bars() -> None:
+def disable_library_progress_bars() -> None:
     # Loading otherwise prints tqdm bars for every component into the service's structured logs.
     import diffusers.utils.logging as diffusers_logging
     import transformers.utils.logging as transformers_logging
@@ -349,7 +349,7 @@ def load_pipeline(effect_name: str, directory: Path, device: torch.device, dtype
     import diffusers
     from safetensors import SafetensorError
 
-    _disable_library_progress_bars()
+    disable_library_progress_bars()
     pipeline_class = getattr(diffusers, spec.pipeline_class_name)
     options: dict[str, Any] = {}
     if spec.kind == "sdxl_img2img":

@@ -37,7 +37,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from effects.diffusion import DIFFUSION_EFFECTS, DiffusionSpec, diffusion_spec
+from effects.diffusion import DIFFUSION_EFFECTS, DiffusionSpec, diffusion_spec, disable_library_progress_bars
 
 MANIFEST_FILE = "model.json"
 CLIP_MAX_TOKENS = 77
@@ -61,6 +61,7 @@ def files_digest(directory: Path) -> str:
 def save_pipeline(pipeline: Any, models_dir: Path, effect: str, source: str) -> Path:
     """`save_pretrained` as plain safetensors into MODELS_DIR/<effect>, atomically, manifest last."""
     spec = diffusion_spec(effect)
+    disable_library_progress_bars()
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / effect
     partial = models_dir / f".{effect}.partial"

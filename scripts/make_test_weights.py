@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.pth is not None:
         print(f"cutout: same weights as a torch state dict -> {args.pth}")
 
-    # Diffusion pipelines: tiny random pipelines in the same layout are added here.
+    # Diffusion pipelines (scripts/diffusion_weights.py): tiny random pipelines in the serving layout.
+    from scripts.diffusion_weights import write_tiny_pipelines
+
+    written = write_tiny_pipelines(args.models_dir, seed=args.seed)
+    print(f"diffusion: tiny random pipelines ({', '.join(written)}, seed {args.seed}) -> {args.models_dir}")
 
     return 0
 
