@@ -311,6 +311,21 @@ def _check_tensors(path: Path, tensors: Mapping[str, torch.Tensor], expected: Ma
         raise ModelLoadError(f"{path} does not fit {ARCH}: " + "; ".join(problems) + f". {_FIX_WEIGHTS}")
 
 
+def check_weights(source: Path, tensors: Mapping[str, torch.Tensor], base_size: int) -> None:
+    """Raise ModelLoadError unless `tensors` is exactly an InSPyReNet_SwinB state dict (names, shapes, kinds)."""
+    _check_against(source, tensors, build_inspyrenet(base_size, empty=True).state_dict())
+
+
+def _check_against(path: Path, tensors: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> None:
+    _check_tensors(path, tensors, expected)
+    # Index tables computed by the constructor must agree with the file's (a wrong index is
+    # an out-of-bounds gather on the GPU, which kills the CUDA context instead of raising).
+    for name, computed in expected.items():
+        is_index = name.endswith("relative_position_index") and not computed.is_meta
+        if is_index and not torch.equal(computed, tensors[name]):
+            raise ModelLoadError(f"{path}: {name} does not match the Swin window layout: {_FIX_WEIGHTS}")
+
+
 def _some(items: list[str], limit: int = 5) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -340,13 +355,7 @@ def load_cutout_model(
         raise ModelLoadError(
             f"{path} could not be read ({exc}); it may be truncated or corrupt: {_FIX_WEIGHTS}"
         ) from exc
-    _check_tensors(path, tensors, expected)
-    # Index tables computed by the constructor must agree with the file's (a wrong index is
-    # an out-of-bounds gather on the GPU, which kills the CUDA context instead of raising).
-    for name, computed in expected.items():
-        is_index = name.endswith("relative_position_index") and not computed.is_meta
-        if is_index and not torch.equal(computed, tensors[name]):
-            raise ModelLoadError(f"{path}: {name} does not match the Swin window layout: {_FIX_WEIGHTS}")
+    _check_against(path, tensors, expected)
     floats = {
         name: (t.float() if t.is_floating_point() and t.dtype != torch.float32 else t) for name, t in tensors.items()
     }
