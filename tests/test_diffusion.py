@@ -32,7 +32,7 @@ from effects.diffusion import (
     run_diffusion,
     warm_pipeline,
 )
-from scripts.diffusion_weights import MANIFEST_FILE, write_tiny_pipelines
+from scripts.diffusion_weights import MANIFEST_FILE, fetch_pipelines, write_tiny_pipelines
 
 MODULES = {"upscale": upscale, "enhance": enhance, "comic": comic, "aged": aged}
 CPU = torch.device("cpu")
@@ -178,6 +178,37 @@ def test_unknown_effect_and_cpu_half_precision_are_refused(diffusion_models_dir:
         load_pipeline("popart", diffusion_models_dir / "comic", CPU, torch.float32)
     with pytest.raises(ValueError, match="float16 diffusion runs on CUDA only"):
         load_pipeline("comic", diffusion_models_dir / "comic", CPU, torch.float16)
+
+
+def test_fetch_saves_fp16_safetensors_with_the_vae_swapped(diffusion_models_dir: Path, tmp_path: Path) -> None:
+    # The image-build path, offline: local directories stand in for the Hub repositories (they have no
+    # fp16 variant, like the upscaler's and Ghibli's, so the fp32-and-convert fallback runs too).
+    sources = tmp_path / "sources"
+    write_tiny_pipelines(sources, ("enhance", "comic"), seed=1)
+    served = tmp_path / "served"
+    written = fetch_pipelines(
+        served,
+        ["enhance", "comic"],
+        {"enhance": str(sources / "enhance"), "comic": str(sources / "comic")},
+        vae_ids={"enhance": str(diffusion_models_dir / "enhance" / "vae")},
+    )
+    assert set(written) == {"enhance", "comic"}
+    from safetensors import safe_open
+
+    for effect in written:
+        assert not list((served / effect).rglob("*.bin")) and not list((served / effect).rglob("*fp16*"))
+        with safe_open(str(served / effect / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as handle:
+            assert handle.get_tensor(next(iter(handle.keys()))).dtype == torch.float16
+        assert "model_id" in (served / effect / MANIFEST_FILE).read_text(encoding="utf-8")
+    # The swapped-in VAE (seed 0) replaced the source pipeline's own (seed 1).
+    with (
+        safe_open(str(served / "enhance" / "vae" / "diffusion_pytorch_model.safetensors"), "pt") as fetched,
+        safe_open(str(diffusion_models_dir / "enhance" / "vae" / "diffusion_pytorch_model.safetensors"), "pt") as vae,
+    ):
+        name = next(iter(vae.keys()))
+        assert torch.equal(fetched.get_tensor(name), vae.get_tensor(name).half())
+    loaded = load_pipeline("comic", served / "comic", CPU, torch.float32)
+    assert run_diffusion(loaded, cutout_image(32, 48), fast_params("comic"), seed=0).shape == (1, 4, 32, 48)
 
 
 # --- Running ------------------------------------------------------------------------------------
