@@ -407,18 +407,32 @@ class Engine:
         self.batches_run += 1
         return [dequantise_mask(quantise_mask(p.unsqueeze(0))) for p in probabilities]
 
-    async def diffuse(self, effect: Effect, image: torch.Tensor, params: EffectParams, seed: int) -> torch.Tensor:
-        """Run a diffusion effect, one job at a time on the diffusion thread."""
-        from effects.diffusion import DiffusionParams, run_diffusion
+    async def diffuse(
+        self, effect: Effect, image: torch.Tensor, params: EffectParams, seed: int, max_size: int
+    ) -> torch.Tensor:
+        """Run a diffusion effect, one job at a time on the diffusion thread.
+
+        `max_size` bounds the output's long side for effects that enlarge (the 4x upscaler):
+        their input is shrunk first, so the request's max_size holds for every result.
+        """
+        from effects.diffusion import DiffusionParams, diffusion_spec, run_diffusion
 
         self.check_available(effect)
         loaded = self._pipelines[effect.name]
         if not isinstance(params, DiffusionParams):
             raise TypeError(f"{effect.name} expects diffusion parameters, got {type(params).__name__}")
+        spec = diffusion_spec(effect.name)
 
         def job() -> torch.Tensor:
+            source = image
+            height, width = spec.output_size(image.shape[-2], image.shape[-1])
+            if max(height, width) > max_size:
+                scale = max_size / max(height, width)
+                size = (max(1, int(image.shape[-2] * scale)), max(1, int(image.shape[-1] * scale)))
+                with torch.inference_mode():
+                    source = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
             try:
-                return run_diffusion(loaded, image, params, seed)
+                return run_diffusion(loaded, source, params, seed)
             except torch.OutOfMemoryError as exc:
                 release_device_memory()
                 raise OutOfMemory(f"the GPU ran out of memory running {effect.name}; retry shortly") from exc

@@ -28,6 +28,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from effects.inspyrenet import MODEL_SIZES, ModelLoadError, check_weights, save_weights
+from service.settings import get_settings
 
 DOWNLOAD_ATTEMPTS = 3
 CHUNK_BYTES = 1 << 20
@@ -156,7 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"cutout: InSPyReNet_SwinB ({args.mode}) -> {path} ({time.perf_counter() - started:.1f} s)")
 
-    # Diffusion pipelines: downloading and converting them to fp16 safetensors is added here.
+    # Diffusion pipelines: fp16 safetensors via save_pretrained, ids from the service's settings.
+    settings = get_settings()
+    if settings.diffusion_effects:
+        from scripts.diffusion_weights import fetch_pipelines
+
+        fetch_pipelines(
+            args.models_dir,
+            settings.diffusion_effects,
+            {
+                "upscale": settings.upscale_model,
+                "enhance": settings.enhance_model,
+                "comic": settings.comic_model,
+                "aged": settings.aged_model,
+            },
+            vae_ids={"enhance": settings.enhance_vae},
+        )
 
     return 0
 

@@ -382,7 +382,7 @@ class Flow:
         if effect.kind == "classic":
             return await asyncio.to_thread(self.engine.apply_classic, effect, image, params, request.seed)
         if effect.kind == "diffusion":
-            return await self.engine.diffuse(effect, image, params, request.seed)
+            return await self.engine.diffuse(effect, image, params, request.seed, request.max_size)
         return image  # cutout: the background step did the work
 
     async def _mask(self, image_hash: str, image: torch.Tensor) -> tuple[torch.Tensor, asyncio.Task[None] | None]:

