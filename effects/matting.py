@@ -27,6 +27,8 @@ Pure torch, any device, float32.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +39,8 @@ WINDOW = 3
 ALPHA_EPSILON = 1.0 / 512.0
 # Above this fraction of edge cells, dense full-resolution passes beat gathering their pixels.
 DENSE_LIMIT = 0.5
+# Dense passes work on bands of about this many pixel rows, so their temporaries stay in cache.
+CHUNK_PIXEL_ROWS = 64
 _EPS = 1e-5
 
 
@@ -73,7 +77,13 @@ def estimate_foreground(image: torch.Tensor, alpha: torch.Tensor, out: torch.Ten
         if out is None:
             out = torch.empty_like(image, memory_format=torch.contiguous_format)
         for index in range(image.shape[0]):
-            _estimate_one(image[index], alpha[index, 0], out[index])
+            target = out[index]
+            if target.is_contiguous():
+                _estimate_one(image[index], alpha[index, 0], target)
+            else:  # results are written through flat views of each channel plane
+                scratch = torch.empty_like(target, memory_format=torch.contiguous_format)
+                _estimate_one(image[index], alpha[index, 0], scratch)
+                target.copy_(scratch)
         return out
 
 
@@ -183,32 +193,51 @@ def _upsampling_weights(cell: int, device: torch.device) -> torch.Tensor:
     return torch.stack([(-offset).clamp(min=0.0), 1.0 - offset.abs(), offset.clamp(min=0.0)], dim=1)
 
 
+def _row_chunks(height: int, cell: int) -> Iterator[tuple[int, int]]:
+    """Bands of whole cell rows, [first, last) in cell rows, small enough to stay in cache."""
+    cells_h = -(-height // cell)
+    rows = max(1, CHUNK_PIXEL_ROWS // cell)
+    for first in range(0, cells_h, rows):
+        yield first, min(first + rows, cells_h)
+
+
 def _dense_moments(image: torch.Tensor, alpha: torch.Tensor, cell: int) -> torch.Tensor:
-    """(12, cells_h, cells_w) cell means of α, α², α³, I, Iα, Iα², computed over every pixel."""
-
-    def pool(x: torch.Tensor) -> torch.Tensor:
-        return F.avg_pool2d(x[None], cell, ceil_mode=True)[0]
-
-    plane = alpha[None]
-    weighted = image * plane
-    i1 = pool(weighted)
-    i2 = pool(weighted.mul_(plane))
-    del weighted
-    power = plane * plane
-    a2 = pool(power)
-    a3 = pool(power.mul_(plane))
-    return torch.cat([pool(plane), a2, a3, pool(image), i1, i2])
+    """(12, cells_h, cells_w) cell means of α, α², α³, I, Iα, Iα², over every pixel, band by band."""
+    height, width = alpha.shape
+    moments = image.new_empty((12, -(-height // cell), -(-width // cell)))
+    for first, last in _row_chunks(height, cell):
+        top, bottom = first * cell, min(last * cell, height)
+        plane = alpha[None, top:bottom]
+        pixels = image[:, top:bottom]
+        weighted = pixels * plane
+        power = plane * plane
+        stacked = torch.cat([plane, power, power * plane, pixels, weighted, weighted * plane])
+        moments[:, first:last] = F.avg_pool2d(stacked[None], cell, ceil_mode=True)[0]
+    return moments
 
 
 def _fuse_dense(image: torch.Tensor, alpha: torch.Tensor, fields: torch.Tensor, cell: int, out: torch.Tensor) -> None:
+    """Every soft pixel blended with F̄, B̄ upsampled from the cells, band by band.
+
+    A band of cell rows upsamples its cells plus one halo row above and below; with a scale
+    of exactly `cell` the result equals the whole-grid upsampling on the band's pixels.
+    """
     height, width = alpha.shape
-    full = F.interpolate(
-        fields[None], scale_factor=float(cell), mode="bilinear", align_corners=False, recompute_scale_factor=False
-    )[0, :, :height, :width]
-    plane = alpha[None]
-    fused = _fuse(image, plane, full[0:3], full[3:6])
-    soft = (plane > ALPHA_EPSILON) & (plane < 1.0 - ALPHA_EPSILON)
-    out.copy_(torch.where(soft, fused, image))
+    cells_h = fields.shape[1]
+    for first, last in _row_chunks(height, cell):
+        top, bottom = first * cell, min(last * cell, height)
+        halo_top = max(first - 1, 0)
+        grid = fields[None, :, halo_top : min(last + 1, cells_h)]
+        full = F.interpolate(
+            grid, scale_factor=float(cell), mode="bilinear", align_corners=False, recompute_scale_factor=False
+        )
+        offset = (first - halo_top) * cell
+        full = full[0, :, offset : offset + bottom - top, :width]
+        plane = alpha[None, top:bottom]
+        pixels = image[:, top:bottom]
+        fused = _fuse(pixels, plane, full[0:3], full[3:6])
+        soft = (plane > ALPHA_EPSILON) & (plane < 1.0 - ALPHA_EPSILON)
+        out[:, top:bottom] = torch.where(soft, fused, pixels)
 
 
 def _coarse_to_fine(moments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -166,3 +166,15 @@ def test_same_result_on_the_gpu() -> None:
     on_gpu = estimate_foreground(image.cuda(), alpha.cuda())
     assert on_gpu.device.type == "cuda"
     assert (alpha * (on_gpu.cpu() - on_cpu).abs()).max().item() < 1.0 / 255.0
+
+
+def test_writes_into_a_strided_out() -> None:
+    """`out` may be the colour planes of an RGBA tensor, or a channels-last tensor."""
+    image, alpha, _ = composite(40, 56, seed=13)
+    expected = estimate_foreground(image, alpha)
+    rgba = torch.zeros(1, 4, 40, 56)
+    estimate_foreground(image, alpha, out=rgba[:, :3])
+    assert torch.equal(rgba[:, :3], expected) and torch.equal(rgba[:, 3], torch.zeros(1, 40, 56))
+    channels_last = torch.empty_like(image, memory_format=torch.channels_last)
+    estimate_foreground(image, alpha, out=channels_last)
+    assert torch.equal(channels_last, expected)

@@ -1,0 +1,429 @@
+"""Benchmark the cutout path against transparent-background's own, in the same run, on the same weights.
+
+    .venv/bin/python scripts/bench_cutout.py [--parts foreground,flops,e2e,cold,throughput]
+                                             [--repeats 3] [--clients 1,4,16] [--requests 4]
+
+Parts (each prints a table; "ratio" is reference time / our time, higher is better):
+
+* foreground   Foreground colour estimation alone on a 12 MP photo: ours (`effects.matting`)
+               vs pymatting's `estimate_foreground_ml` (warm: compiled before timing). Two masks:
+               a photo-like one (soft only along the subject's edge and hair) and the worst case
+               (every pixel soft). Also the colour error of each against the known foreground.
+               Target: ours >= 10x faster.
+* flops        FLOPs of one InSPyReNet forward at 1024 x 1024 (and 384) from torch's FLOP counter,
+               and the time that is on an NVIDIA L4 at its dense fp16 tensor-core peak: the floor.
+* e2e          A 12 MP JPEG to a full-size RGBA PNG: our service (`python -m service`, POST
+               /v1/effects/cutout, max_size=4096) vs `Remover(mode='fast').process(type='rgba')`
+               + PIL save, warm, same random fast (384 px) weights. Target: ours >= 3x faster.
+* cold         Process start -> `/ready` 200 with a random base (1024 px) checkpoint, vs a fresh
+               process constructing `Remover(mode='base', ckpt=...)`. Target: ours <= 0.5x.
+* throughput   Images per second through the service with 1, 4 and 16 concurrent clients
+               (distinct photos, so no cache hits), fast weights.
+
+Every run writes its own random weights to a temporary directory; nothing touches the network.
+Times are wall-clock medians over --repeats. The machine's two cores are shared with other
+work, so the table also prints the load average: rerun if it was high.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from effects.inspyrenet import flops_per_forward
+from effects.matting import estimate_foreground
+from scripts.make_test_weights import write_inspyrenet
+
+ROOT = Path(__file__).resolve().parent.parent
+# NVIDIA L4 datasheet: 242 TFLOPS fp16 tensor core with structured sparsity, 121 TFLOPS dense.
+L4_FP16_DENSE_FLOPS = 121e12
+L4_NAME = "NVIDIA L4 fp16 tensor core, dense"
+TWELVE_MP = (3000, 4000)  # height, width
+
+
+def median_time(run: Callable[[], Any], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    print(f"\n{title}   (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
+    print("  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True)))
+    print("  ".join("-" * width for width in widths))
+    for row in rows:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+# ---------------------------------------------------------------------------------------------- photos
+
+
+def _blur(plane: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, int(3 * sigma))
+    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
+    taps = taps / taps.sum()
+    x = F.conv2d(F.pad(plane[None, None], (radius, radius, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), taps.view(1, 1, -1, 1))[0, 0]
+
+
+def photo_composite(height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A photo-like composite with known answer: (1, 3, H, W) image, (1, 1, H, W) alpha, (3, H, W) foreground.
+
+    A textured subject with a soft (σ = 2 px) outline and a few hundred 1-2 px hair strands,
+    over a textured, checkered background: soft pixels only along the edges, as in a photo.
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.linspace(0.0, 1.0, height).view(-1, 1).expand(height, width)
+    x = torch.linspace(0.0, 1.0, width).view(1, -1).expand(height, width)
+    phase = torch.rand(3, 2, generator=g) * 6.28
+    foreground = torch.stack(
+        [0.6 + 0.25 * torch.sin(3 * 6.28 * x + phase[c, 0]) * torch.cos(2 * 6.28 * y + phase[c, 1]) for c in range(3)]
+    ).clamp(0, 1)
+    checks = ((x * 24).floor() + (y * 18).floor()) % 2
+    background = (
+        torch.stack(
+            [
+                0.4 + 0.3 * torch.sin(5 * 6.28 * x + phase[c, 1]) * torch.cos(4 * 6.28 * y + phase[c, 0])
+                for c in range(3)
+            ]
+        )
+        + 0.15 * checks
+    ).clamp(0, 1)
+    body = ((((x - 0.5) / 0.28) ** 2 + ((y - 0.58) / 0.36) ** 2) < 1).float()
+    strands = torch.zeros(height, width)
+    rows = torch.linspace(0.12, 0.4, 3 * height)
+    for _ in range(300):
+        x0, amplitude, frequency, opacity = torch.rand(4, generator=g).tolist()
+        columns = 0.25 + 0.5 * x0 + 0.04 * amplitude * torch.sin((2 + 4 * frequency) * 6.28 * rows)
+        strands[(rows * height).long().clamp(0, height - 1), (columns * width).long().clamp(0, width - 1)] = (
+            0.4 + 0.5 * opacity
+        )
+    alpha = torch.maximum(_blur(body, 2.0), (_blur(strands, 0.8) * 2.5).clamp(0, 1))
+    image = ((alpha * foreground + (1 - alpha) * background) * 255).round() / 255
+    return image[None].contiguous(), alpha[None, None].contiguous(), foreground
+
+
+def photo_jpeg(height: int, width: int, seed: int) -> bytes:
+    image, _, _ = photo_composite(height, width, seed)
+    pixels = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def visible_error(estimate: torch.Tensor, truth: torch.Tensor, alpha: torch.Tensor) -> float:
+    soft = (alpha > 0.004) & (alpha < 0.996)
+    weighted = alpha * (estimate - truth).abs().mean(dim=0)
+    return float(weighted[soft].sum() / alpha[soft].sum())
+
+
+# ---------------------------------------------------------------------------------------------- parts
+
+
+def part_foreground(repeats: int) -> None:
+    from pymatting import estimate_foreground_ml
+
+    height, width = TWELVE_MP
+    image, alpha, truth = photo_composite(height, width, seed=7)
+    worst = torch.rand(1, 1, height, width, generator=torch.Generator().manual_seed(1))
+    # Remover hands pymatting the photo as float64 / 255 and its mask as float32.
+    image_np = image[0].permute(1, 2, 0).double().numpy()
+    estimate_foreground_ml(image_np[:64, :64], alpha[0, 0, :64, :64].numpy())  # compile
+    estimate_foreground(image[..., :64, :64], alpha[..., :64, :64])
+    rows = []
+    for name, mask in (("photo-like mask", alpha), ("every pixel soft", worst)):
+        mask_np = mask[0, 0].numpy()
+        soft = float(((mask > 1 / 512) & (mask < 1 - 1 / 512)).float().mean())
+        reference = median_time(lambda m=mask_np: estimate_foreground_ml(image_np, m), repeats)  # type: ignore[misc]
+        ours = median_time(lambda m=mask: estimate_foreground(image, m), repeats)  # type: ignore[misc]
+        rows.append([name, f"{soft:.1%}", f"{reference * 1000:.0f}", f"{ours * 1000:.0f}", f"{reference / ours:.1f}x"])
+    table(
+        f"Foreground estimation, {width} x {height} (12 MP), median of {repeats}, target ratio >= 10x",
+        ["mask", "soft px", "pymatting ms", "ours ms", "ratio"],
+        rows,
+    )
+    ours_error = visible_error(estimate_foreground(image, alpha)[0], truth, alpha[0, 0])
+    reference_np = estimate_foreground_ml(image_np, alpha[0, 0].numpy())
+    reference_error = visible_error(torch.from_numpy(reference_np).permute(2, 0, 1).float(), truth, alpha[0, 0])
+    keep_error = visible_error(image[0], truth, alpha[0, 0])
+    table(
+        "Foreground colour error on the photo-like composite (alpha-weighted mean |F - F_true| on soft pixels)",
+        ["estimate", "error", "vs pymatting"],
+        [
+            ["pymatting estimate_foreground_ml", f"{reference_error:.4f}", "1.00"],
+            ["ours (effects.matting)", f"{ours_error:.4f}", f"{ours_error / reference_error:.2f}"],
+            ["the photo itself (no estimation)", f"{keep_error:.4f}", f"{keep_error / reference_error:.2f}"],
+        ],
+    )
+
+
+def part_flops() -> None:
+    rows = []
+    for size in (1024, 384):
+        flops = flops_per_forward(size)
+        floor_ms = flops / L4_FP16_DENSE_FLOPS * 1000
+        rows.append([f"{size} x {size}", f"{flops / 1e9:.1f}", f"{floor_ms:.2f}", f"{1000 / floor_ms:.0f}"])
+    table(
+        f"InSPyReNet SwinB forward cost (torch FLOP counter: matmuls + convolutions) on an {L4_NAME}"
+        f" ({L4_FP16_DENSE_FLOPS / 1e12:.0f} TFLOPS)",
+        ["input", "GFLOP / image", "floor ms / image", "ceiling images / s"],
+        rows,
+    )
+
+
+@dataclass
+class Service:
+    url: str
+    process: subprocess.Popen[bytes]
+    ready_after_s: float
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def running_service(models_dir: Path, workdir: Path, *, timeout_s: float = 900.0) -> Iterator[Service]:
+    """`python -m service` on 127.0.0.1 with only the cutout model; yields once /ready answers 200."""
+    import httpx
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+        "CUTOUT_DEVICE": "cpu",
+        "CUTOUT_MODELS_DIR": str(models_dir),
+        "CUTOUT_CACHE_DIR": str(workdir / "cache"),
+        "CUTOUT_DIFFUSION_EFFECTS": "",
+        "CUTOUT_RATE_LIMIT_PROCESS": "100000/minute",
+        "CUTOUT_RATE_LIMIT_READ": "100000/minute",
+        "CUTOUT_PUBLIC_URL": f"http://127.0.0.1:{port}",
+    }
+    log = (workdir / f"service-{port}.log").open("wb")
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = started + timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the service exited with {process.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{url}/ready", timeout=2.0).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"/ready not 200 after {timeout_s:.0f} s; see {log.name}")
+            time.sleep(0.05)
+        yield Service(url, process, time.perf_counter() - started)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def part_cold_start(workdir: Path, repeats: int) -> None:
+    models_dir = workdir / "models-base"
+    pth = workdir / "ckpt_base.pth"
+    write_inspyrenet(models_dir, "base", seed=0, pth=pth)
+    reference_code = (
+        "import os, warnings; warnings.filterwarnings('ignore'); "
+        "from transparent_background import Remover; "
+        f"Remover(mode='base', jit=False, device='cpu', ckpt={str(pth)!r})"
+    )
+    env = {**os.environ, "TRANSPARENT_BACKGROUND_FILE_PATH": str(workdir), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    ours, reference = [], []
+    for _ in range(repeats):
+        with running_service(models_dir, workdir) as service:
+            ours.append(service.ready_after_s)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", reference_code], env=env, check=True, capture_output=True)
+        reference.append(time.perf_counter() - started)
+    ours_s, reference_s = statistics.median(ours), statistics.median(reference)
+    table(
+        f"Cold start with a random base (1024 px) checkpoint, median of {repeats}, target ratio <= 0.5",
+        ["what", "seconds", "ratio"],
+        [
+            ["Remover(mode='base', ckpt=...) in a fresh process", f"{reference_s:.1f}", "1.00"],
+            [
+                "python -m service -> /ready 200 (incl. one 1024 px forward)",
+                f"{ours_s:.1f}",
+                f"{ours_s / reference_s:.2f}",
+            ],
+        ],
+    )
+
+
+def part_end_to_end(service: Service, workdir: Path, pth: Path, repeats: int) -> None:
+    import httpx
+
+    height, width = TWELVE_MP
+    photos = [photo_jpeg(height, width, seed=100 + i) for i in range(repeats + 1)]
+    os.environ["TRANSPARENT_BACKGROUND_FILE_PATH"] = str(workdir)
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    from transparent_background import Remover
+
+    remover = Remover(mode="fast", jit=False, device="cpu", ckpt=str(pth))
+
+    def reference(data: bytes) -> bytes:
+        with Image.open(io.BytesIO(data)) as opened:
+            rgba = remover.process(opened.convert("RGB"), type="rgba")
+        buffer = io.BytesIO()
+        rgba.save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def ours(data: bytes) -> bytes:
+        response = httpx.post(
+            f"{service.url}/v1/effects/cutout",
+            files={"image": ("photo.jpg", data, "image/jpeg")},
+            data={"background": "transparent", "format": "png", "max_size": "4096"},
+            timeout=600.0,
+        )
+        response.raise_for_status()
+        return response.content
+
+    reference(photos[0])  # warm: pymatting compiled, buffers allocated
+    ours(photos[0])
+    reference_times, our_times = [], []
+    for data in photos[1:]:  # a new photo each time: no mask or result cache hits
+        started = time.perf_counter()
+        reference_bytes = reference(data)
+        reference_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        our_bytes = ours(data)
+        our_times.append(time.perf_counter() - started)
+    with Image.open(io.BytesIO(our_bytes)) as result:
+        assert result.size == (width, height) and result.mode == "RGBA", (result.size, result.mode)
+    reference_s, ours_s = statistics.median(reference_times), statistics.median(our_times)
+    table(
+        f"End to end: {width} x {height} JPEG -> full-size RGBA PNG, fast weights, median of {repeats},"
+        " target ratio >= 3x",
+        ["path", "seconds", "PNG MB", "ratio"],
+        [
+            [
+                "Remover.process(type='rgba') + PIL save",
+                f"{reference_s:.2f}",
+                f"{len(reference_bytes) / 1e6:.1f}",
+                "1.0x",
+            ],
+            [
+                "service POST /v1/effects/cutout",
+                f"{ours_s:.2f}",
+                f"{len(our_bytes) / 1e6:.1f}",
+                f"{reference_s / ours_s:.1f}x",
+            ],
+        ],
+    )
+
+
+def part_throughput(service: Service, clients: list[int], requests_per_client: int, size: tuple[int, int]) -> None:
+    import httpx
+
+    height, width = size
+    rows = []
+    seed = 10_000
+
+    async def level(count: int, first_seed: int) -> float:
+        photos = [
+            [photo_jpeg(height, width, first_seed + c * 1000 + r) for r in range(requests_per_client)]
+            for c in range(count)
+        ]
+        async with httpx.AsyncClient(base_url=service.url, timeout=1200.0) as client:
+
+            async def one_client(mine: list[bytes]) -> None:
+                for data in mine:
+                    response = await client.post(
+                        "/v1/effects/cutout",
+                        files={"image": ("photo.jpg", data, "image/jpeg")},
+                        data={"background": "transparent", "format": "png"},
+                    )
+                    response.raise_for_status()
+
+            started = time.perf_counter()
+            await asyncio.gather(*(one_client(mine) for mine in photos))
+            return time.perf_counter() - started
+
+    for count in clients:
+        elapsed = asyncio.run(level(count, seed))
+        seed += 100_000
+        total = count * requests_per_client
+        rows.append(
+            [str(count), str(total), f"{elapsed:.1f}", f"{total / elapsed:.2f}", f"{elapsed / total * 1000:.0f}"]
+        )
+    table(
+        f"Throughput: {width} x {height} JPEG -> cutout PNG through the service, fast weights, CPU",
+        ["clients", "images", "seconds", "images / s", "ms / image"],
+        rows,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", default="foreground,flops,e2e,cold,throughput")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clients", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client in the throughput part")
+    parser.add_argument("--throughput-size", default="1200x1600", help="HxW of the throughput photos")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    unknown = parts - {"foreground", "flops", "e2e", "cold", "throughput"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}")
+
+    if "flops" in parts:
+        part_flops()
+    if "foreground" in parts:
+        part_foreground(args.repeats)
+    with tempfile.TemporaryDirectory(prefix="bench-cutout-") as scratch:
+        workdir = Path(scratch)
+        if parts & {"e2e", "throughput"}:
+            models_dir = workdir / "models-fast"
+            pth = workdir / "ckpt_fast.pth"
+            write_inspyrenet(models_dir, "fast", seed=0, pth=pth)
+            with running_service(models_dir, workdir) as service:
+                if "e2e" in parts:
+                    part_end_to_end(service, workdir, pth, args.repeats)
+                if "throughput" in parts:
+                    height, width = (int(v) for v in args.throughput_size.lower().split("x"))
+                    clients = [int(c) for c in args.clients.split(",")]
+                    part_throughput(service, clients, args.requests, (height, width))
+        if "cold" in parts:
+            part_cold_start(workdir, args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
