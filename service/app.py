@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from cache.store import LocalStore, ResultStore
 from effects.engine import Engine
 from service import operations
+from service.admission import Admission, AdmissionMiddleware
 from service.errors import install_error_handlers
 from service.flow import Flow
 from service.routes import compat, meta, process, results
@@ -69,7 +70,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await running.stop()
+            # Reached after uvicorn has drained (SIGTERM) or when a test client closes.
+            admission.drain()
+            budget_s = admission.flush_budget_s()
+            try:
+                async with asyncio.timeout(budget_s):
+                    await running.stop()  # the metrics flusher's last write, the trace exporter's flush
+            except TimeoutError:
+                log.warning("telemetry flush cut short after %.1f s, before Cloud Run's SIGKILL", budget_s)
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await engine.stop()
@@ -82,6 +90,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings = settings
+    admission = Admission(
+        max_queue=settings.max_queue,
+        request_timeout_s=settings.request_timeout_s,
+        shutdown_grace_s=settings.shutdown_grace_s,
+    )
+    app.state.admission = admission
     install_error_handlers(app)
     app.include_router(process.router)
     app.include_router(results.router)
@@ -90,6 +104,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The storefront client (`cutout.js`) and its demo page: plain files, no build step.
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    # Outside the upload guard, inside the rate limit: refusals come before the body is read.
+    app.add_middleware(AdmissionMiddleware, admission=admission)
     operations.install(app, settings)  # rate limits, access log, tracing, /warmup, /metrics
     # Added last, so it wraps everything: every answer, errors included, carries CORS headers.
     app.add_middleware(

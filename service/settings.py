@@ -58,6 +58,17 @@ class Settings(BaseSettings):
     default_max_size: int = Field(default=2048, ge=64, le=4096)
     png_compress_level: int = Field(default=3, ge=0, le=9)
 
+    # Admission and shutdown (service/admission.py, docs/capacity.md). Processing requests an
+    # instance holds at once, from admission to answer; beyond it: 503 overloaded, body unread.
+    # Keep it at or above Cloud Run's max_instance_request_concurrency (8 in terraform/).
+    max_queue: int = Field(default=32, ge=1, le=1000)
+    # Deadline of one processing request, body read included: 504 deadline_exceeded past it.
+    # Cloud Run's request timeout (300 s in terraform/) minus 10 s, so the service answers first.
+    request_timeout_s: float = Field(default=290.0, gt=0.0, le=3600.0)
+    # After SIGTERM: how long requests in flight may run on. Cloud Run sends SIGKILL 10 s after
+    # SIGTERM, and the telemetry flush needs what is left.
+    shutdown_grace_s: float = Field(default=8.0, gt=0.0, lt=10.0)
+
     # Browsers allowed to call the API (the storefront's origins). "*" allows any origin.
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://localhost:8080", "http://127.0.0.1:8080"]

@@ -1,0 +1,202 @@
+"""Admission control and draining: bounded work per instance, a deadline per request, a clean stop.
+
+Admission
+---------
+Processing requests (every `POST` but `/warmup`) are counted from the moment they are admitted
+to the moment their answer is sent. When `CUTOUT_MAX_QUEUE` of them are already in the
+instance, the next one is refused at once with `503 overloaded` and `Retry-After`, on its
+request line and headers alone: the body is never read, so a refusal costs microseconds and no
+memory. Reads (results, the effects list, probes) are not counted; they take milliseconds.
+
+The bound is a safety net under Cloud Run's own `max_instance_request_concurrency`, which sends
+an instance no more than that many requests at once and queues or scales out beyond it. Keep
+`CUTOUT_MAX_QUEUE` at or above that concurrency so Cloud Run's queueing acts first (a 503 from an
+instance is not retried elsewhere by Cloud Run); see docs/capacity.md.
+
+Deadline
+--------
+`CUTOUT_REQUEST_TIMEOUT_S` covers a processing request from admission to its answer: reading
+the body (a slow-loris upload) and the work. Past it the request's task is cancelled and the
+client gets `504 deadline_exceeded` naming what it was waiting for. Cancelling frees what can be
+freed: a mask job still queued for the GPU is skipped by the batch worker (its future is
+cancelled), a diffusion job or thread-pool job not yet started is dropped by its executor. A
+thread already running (a forward pass, an encode) cannot be interrupted in Python; it finishes
+and its result is discarded.
+
+Draining
+--------
+On SIGTERM (`service.__main__`) the instance starts draining: `/ready` answers 503, new
+processing requests get `503 shutting_down` with `Retry-After` and `Connection: close`, and
+requests already admitted run to their end; uvicorn stops accepting connections and waits for
+them up to `CUTOUT_SHUTDOWN_GRACE_S`, then the lifespan flushes telemetry in what is left of
+Cloud Run's 10 s before SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import CutoutError, DeadlineExceeded, Overloaded, ServiceUnavailable, error_response
+
+log = logging.getLogger("cutout.admission")
+
+WARMUP_PATH = "/warmup"
+READY_PATH = "/ready"
+# Cloud Run sends SIGKILL this long after SIGTERM.
+CLOUD_RUN_SIGTERM_GRACE_S = 10.0
+# Kept free at the end of that window so the process is exiting, not mid-write, when it ends.
+EXIT_MARGIN_S = 0.5
+# The least the telemetry flush is given, even after a long drain (a final metrics write is one call).
+MIN_FLUSH_S = 0.5
+# Short: another instance (or this one, a moment later) usually has room.
+OVERLOADED_RETRY_AFTER_S = 2
+# A draining instance never takes the request back; the retry lands on another instance.
+DRAINING_RETRY_AFTER_S = 1
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
+
+
+def is_processing(scope: Scope) -> bool:
+    """Uploads that may run the model: every POST except the authenticated warm-up."""
+    return bool(scope["method"] == "POST" and scope["path"] != WARMUP_PATH)
+
+
+class Admission:
+    """The instance's admission state: processing requests in flight, and whether it is draining."""
+
+    def __init__(self, *, max_queue: int, request_timeout_s: float, shutdown_grace_s: float) -> None:
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.shutdown_grace_s = shutdown_grace_s
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.refused_overloaded = 0
+        self.refused_draining = 0
+        self.deadlines_exceeded = 0
+        self.draining_since: float | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.draining_since is not None
+
+    def drain(self) -> None:
+        """Refuse new work from now on; safe to call from a signal handler, and more than once."""
+        if self.draining_since is None:
+            self.draining_since = time.monotonic()
+            log.info(
+                "draining: new work is refused, requests in flight finish",
+                extra={"in_flight": self.in_flight, "shutdown_grace_s": self.shutdown_grace_s},
+            )
+
+    def flush_budget_s(self) -> float:
+        """Seconds left for the telemetry flush before Cloud Run's SIGKILL, counted from the drain."""
+        if self.draining_since is None:
+            return CLOUD_RUN_SIGTERM_GRACE_S - EXIT_MARGIN_S
+        spent = time.monotonic() - self.draining_since
+        return max(MIN_FLUSH_S, CLOUD_RUN_SIGTERM_GRACE_S - EXIT_MARGIN_S - spent)
+
+    def overloaded_detail(self) -> str:
+        return (
+            f"this instance is already processing {self.in_flight} requests, its limit "
+            f"(CUTOUT_MAX_QUEUE={self.max_queue}); retry in {OVERLOADED_RETRY_AFTER_S} s"
+        )
+
+    def deadline_detail(self, *, body_read: bool, received: int) -> str:
+        limit = f"{self.request_timeout_s:g} s"
+        if not body_read:
+            return (
+                f"the upload was not received within the request deadline of {limit} "
+                f"({received} bytes arrived); send the photo over a faster connection, or a smaller photo"
+            )
+        return (
+            f"the request took longer than its deadline of {limit} (CUTOUT_REQUEST_TIMEOUT_S) and was "
+            "cancelled; the service is busy or the request is heavy: retry later, or ask for fewer effects "
+            "or a smaller max_size"
+        )
+
+
+class AdmissionMiddleware:
+    """Applies `Admission` to every request; sits inside the rate limit, outside the upload guard."""
+
+    def __init__(self, app: ASGIApp, admission: Admission) -> None:
+        self.app = app
+        self.admission = admission
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        admission = self.admission
+        if admission.draining and scope["path"] == READY_PATH:
+            await _refuse(scope, receive, send, ShuttingDown("this instance is shutting down"), close=False)
+            return
+        if not is_processing(scope):
+            await self.app(scope, receive, send)
+            return
+        if admission.draining:
+            admission.refused_draining += 1
+            refusal = ShuttingDown(
+                "this instance is shutting down and takes no new work; retry, another instance will answer",
+                retry_after=DRAINING_RETRY_AFTER_S,
+            )
+            await _refuse(scope, receive, send, refusal, close=True)
+            return
+        if admission.in_flight >= admission.max_queue:
+            admission.refused_overloaded += 1
+            overloaded = Overloaded(admission.overloaded_detail(), retry_after=OVERLOADED_RETRY_AFTER_S)
+            await _refuse(scope, receive, send, overloaded, close=False)
+            return
+        admission.in_flight += 1
+        admission.peak_in_flight = max(admission.peak_in_flight, admission.in_flight)
+        try:
+            await self._run_with_deadline(scope, receive, send)
+        finally:
+            admission.in_flight -= 1
+
+    async def _run_with_deadline(self, scope: Scope, receive: Receive, send: Send) -> None:
+        answered = False
+        body_read = False
+        received = 0
+
+        async def tracked_receive() -> Message:
+            nonlocal body_read, received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                body_read = body_read or not message.get("more_body", False)
+            return message
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal answered
+            if message["type"] == "http.response.start":
+                answered = True
+            await send(message)
+
+        try:
+            async with asyncio.timeout(self.admission.request_timeout_s) as deadline:
+                await self.app(scope, tracked_receive, tracked_send)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # a timeout inside the app is the app's own failure, not the deadline
+            self.admission.deadlines_exceeded += 1
+            if answered:
+                # The answer had started; there is nothing to replace it with. uvicorn closes the
+                # connection, so the client sees a cut answer, never a wrong one.
+                log.warning("request deadline passed while its answer was being sent", extra={"path": scope["path"]})
+                return
+            detail = self.admission.deadline_detail(body_read=body_read, received=received)
+            await _refuse(scope, receive, send, DeadlineExceeded(detail), close=not body_read)
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, error: CutoutError, *, close: bool) -> None:
+    response = error_response(error.status_code, error.code, error.detail, error.retry_after)
+    if close:
+        # The rest of the body is never read: the connection cannot carry another request.
+        response.headers["Connection"] = "close"
+    await response(scope, receive, send)

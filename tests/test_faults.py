@@ -1,0 +1,551 @@
+"""Faults: the store failing or lying, exporters down, the model out of memory, clients that hang up
+or dribble, more work than the instance admits. Real parts throughout: the real app, the real
+LocalStore on disk, real sockets against a real `python -m service`.
+
+After every fault: no 500, no wrong result (bytes compared with a clean computation of the same
+request), no partial object in the store, and the service still healthy.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+
+from service.app import create_app
+from service.telemetry import install_tracing
+from tests import images
+from tests.conftest import make_settings, wait_loaded
+from tests.server import free_port, running_server
+
+CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def post_effect(client: TestClient | httpx.Client, upload: bytes, effect: str, **fields: str) -> Any:
+    return client.post(
+        f"/v1/effects/{effect}",
+        data={"background": "none", **fields},
+        files={"image": ("photo.jpg", upload, "image/jpeg")},
+    )
+
+
+def post_process(client: TestClient | httpx.Client, upload: bytes, **fields: str) -> Any:
+    return client.post("/v1/process", data=fields, files={"image": ("photo.jpg", upload, "image/jpeg")})
+
+
+def assert_store_clean(cache_dir: Path) -> int:
+    """No temporary file left behind, and every object matches the checksum written with it.
+
+    Returns how many objects the store holds. A checksum sidecar without its object may remain
+    after a failed write (the sidecar is written first); it is never trusted on its own.
+    """
+    leftovers = [path for path in cache_dir.rglob(".tmp-*")]
+    assert not leftovers, f"temporary files left in the store: {leftovers}"
+    objects = 0
+    for path in cache_dir.rglob("*"):
+        if not path.is_file() or path.name.endswith(".sha256"):
+            continue
+        sidecar = path.with_name(path.name + ".sha256")
+        assert sidecar.is_file(), f"object without checksum: {path}"
+        expected = sidecar.read_text(encoding="ascii").strip()
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == expected, f"partial or corrupt object: {path}"
+        objects += 1
+    return objects
+
+
+def result_path(cache_dir: Path, response: Any, extension: str = "png") -> Path:
+    return cache_dir / "results" / f"{response.headers['etag'].strip(chr(34))}.{extension}"
+
+
+def clean_results(client: TestClient, upload: bytes, effects: tuple[str, ...], **fields: str) -> dict[str, bytes]:
+    """The bytes each effect should give, computed by an app with nothing wrong with it."""
+    expected = {}
+    for effect in effects:
+        response = post_effect(client, upload, effect, **fields)
+        assert response.status_code == 200, response.text
+        expected[effect] = response.content
+    return expected
+
+
+# ------------------------------------------------------------------------ the store
+
+
+def test_a_store_failing_mid_request_serves_right_bytes_and_leaves_no_partial_object(
+    client_factory: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload = images.jpeg(160, 120, seed=3)
+    expected = clean_results(client_factory(cache_dir=tmp_path / "clean"), upload, CLASSIC)
+    cache_dir = tmp_path / "faulty"
+    client = client_factory(cache_dir=cache_dir)
+
+    # The disk fills up: every fsync from the third on fails, so some writes die after their
+    # sidecar, some after writing part of the object into the temporary file.
+    real_fsync = os.fsync
+    fsyncs = 0
+
+    def filling_disk(fd: int) -> None:
+        nonlocal fsyncs
+        fsyncs += 1
+        if fsyncs > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", filling_disk)
+    several = post_process(client, upload, effects=",".join(CLASSIC), background="none")
+    assert several.status_code == 200, several.text
+    outcomes = {name: result["cache"] for name, result in several.json()["results"].items()}
+    assert set(outcomes) == set(CLASSIC)
+    assert "bypass" in outcomes.values(), outcomes
+    assert set(outcomes.values()) <= {"miss", "bypass"}
+    for name, outcome in outcomes.items():
+        fetched = client.get(several.json()["results"][name]["url"])
+        if outcome == "miss":
+            assert fetched.status_code == 200 and fetched.content == expected[name]
+        else:
+            assert fetched.status_code == 404, "a result whose write failed is absent, never partial"
+    for effect in CLASSIC:
+        answer = post_effect(client, upload, effect)
+        assert answer.status_code == 200, answer.text
+        assert answer.content == expected[effect], f"{effect}: wrong bytes while the store fails"
+        assert answer.headers["x-cache"] in ("HIT", "BYPASS")
+    assert client.app.state.flow.store_errors >= 1  # type: ignore[attr-defined]
+    assert_store_clean(cache_dir)
+
+    monkeypatch.setattr(os, "fsync", real_fsync)  # the disk has room again
+    for effect in CLASSIC:
+        assert post_effect(client, upload, effect).content == expected[effect]
+        again = post_effect(client, upload, effect)
+        assert again.headers["x-cache"] == "HIT" and again.content == expected[effect]
+    assert assert_store_clean(cache_dir) == len(CLASSIC)
+    assert client.get("/health").status_code == 200
+
+
+def test_corrupt_stored_bytes_are_never_served_and_are_repaired(
+    client_factory: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    cache_dir = tmp_path / "cache"
+    client = client_factory(cache_dir=cache_dir)
+    upload = images.jpeg(160, 120, seed=4)
+    first = post_effect(client, upload, "popart")
+    assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
+    stored = result_path(cache_dir, first)
+    url = first.headers["content-location"]
+
+    for damage in ("flipped", "truncated", "garbage"):
+        data = bytearray(stored.read_bytes())
+        if damage == "flipped":
+            data[len(data) // 2] ^= 0x01  # one bit: still decodes as an image, wrong bytes
+        elif damage == "truncated":
+            data = data[: len(data) // 3]  # what a torn write would leave
+        else:
+            data = bytearray(os.urandom(len(data)))
+        stored.write_bytes(bytes(data))
+        assert client.get(url).status_code == 404, f"{damage}: a corrupt object is not served"
+        listed = post_process(client, upload, effects="popart", background="none")
+        assert listed.status_code == 200
+        assert listed.json()["results"]["popart"]["cache"] == "miss", f"{damage}: corrupt reads as a miss"
+        # The miss recomputed the result and the write replaced the corrupt object.
+        repaired = post_effect(client, upload, "popart")
+        assert repaired.headers["x-cache"] == "HIT", damage
+        assert repaired.content == first.content, f"{damage}: repaired with the right bytes"
+        assert client.get(url).content == first.content
+        assert_store_clean(cache_dir)
+
+
+# ------------------------------------------------------------------------ exporters
+
+
+class DownExporter(SpanExporter):  # type: ignore[misc]
+    """A trace exporter whose backend is unreachable: every export raises."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+        self.enabled = True
+
+    def export(self, spans: Any) -> SpanExportResult:
+        if not self.enabled:
+            return SpanExportResult.SUCCESS
+        self.attempts += 1
+        raise ConnectionRefusedError("trace collector unreachable")
+
+    def shutdown(self) -> None:
+        self.enabled = False
+
+
+@pytest.fixture
+def trace_exporter_down() -> Iterator[DownExporter]:
+    exporter = DownExporter()
+    # Synchronous: the failing export runs at the end of every span, inside the request itself.
+    processor = SimpleSpanProcessor(exporter)
+    install_tracing().add_span_processor(processor)
+    yield exporter
+    processor.shutdown()  # the provider keeps the processor; a shut-down exporter drops spans
+
+
+def test_metrics_and_trace_exporters_down_leave_requests_alone(
+    client_factory: Callable[..., TestClient], tmp_path: Path, trace_exporter_down: DownExporter
+) -> None:
+    upload = images.jpeg(160, 120, seed=5)
+    trace_exporter_down.enabled = False
+    expected = clean_results(client_factory(cache_dir=tmp_path / "clean"), upload, ("dithering", "retro8bit"))
+    trace_exporter_down.enabled = True
+    client = client_factory(
+        cache_dir=tmp_path / "cache",
+        metrics_export="cloud_monitoring",
+        metrics_endpoint=f"127.0.0.1:{free_port()}",  # nothing listens there
+        gcp_project="cutout-test-project",
+        metrics_interval_s=5.0,
+    )
+    for effect in ("dithering", "retro8bit"):
+        answer = post_effect(client, upload, effect)
+        assert answer.status_code == 200, answer.text
+        assert answer.content == expected[effect]
+    exporter = client.app.state.metrics_exporter  # type: ignore[attr-defined]
+    assert client.portal is not None
+    assert client.portal.call(exporter.flush) == 0
+    assert trace_exporter_down.attempts > 0, "spans were exported (and failed) on the request path"
+    assert post_effect(client, upload, "dithering").headers["x-cache"] == "HIT"
+    assert "cutout_export_failures_total 1.0" in client.get("/metrics").text
+    assert_store_clean(tmp_path / "cache")
+    assert client.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------------------ the model
+
+
+@pytest.fixture(scope="module")
+def model_app(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """An app with the cutout model (random weights, fast size) whose mask batches wait long
+    enough for concurrent requests to share them."""
+    settings = make_settings(tmp_path_factory.mktemp("faults-model"), models_dir=models_dir, mask_batch_wait_ms=400.0)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        wait_loaded(client)
+        assert client.get("/ready").status_code == 200, client.get("/ready").text
+        yield client
+
+
+def empty_store(client: TestClient) -> Path:
+    cache_dir: Path = client.app.state.settings.cache_dir  # type: ignore[attr-defined]
+    for folder in ("results", "masks"):
+        shutil.rmtree(cache_dir / folder)
+        (cache_dir / folder).mkdir()
+    return cache_dir
+
+
+def concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
+    """Run blocking calls at the same moment, one thread each; their answers in order."""
+    answers: list[Any] = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(index: int) -> None:
+        start.wait()
+        answers[index] = calls[index]()
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    return answers
+
+
+def cutout_request(client: TestClient, upload: bytes) -> Callable[[], Any]:
+    return lambda: post_effect(client, upload, "popart", background="white")
+
+
+def test_out_of_memory_inside_a_batch(model_app: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    uploads = [images.jpeg(160, 120, seed=seed) for seed in (11, 12, 13)]
+    cache_dir = empty_store(model_app)
+    # Clean computation: one request at a time, so every mask is a batch of one.
+    expected = [cutout_request(model_app, upload)() for upload in uploads]
+    assert all(answer.status_code == 200 for answer in expected)
+    engine = model_app.app.state.engine  # type: ignore[attr-defined]
+    real_forward = engine._forward
+    batch_sizes: list[int] = []
+
+    def out_of_memory_above(limit: int) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+        def forward(images_: list[torch.Tensor]) -> list[torch.Tensor]:
+            batch_sizes.append(len(images_))
+            if len(images_) > limit:
+                raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate a batch of {len(images_)}")
+            return list(real_forward(images_))
+
+        return forward
+
+    # The device holds one image at a time: the batch is split in halves down to single images.
+    empty_store(model_app)
+    monkeypatch.setattr(engine, "_forward", out_of_memory_above(1))
+    answers = concurrently([cutout_request(model_app, upload) for upload in uploads])
+    assert max(batch_sizes) > 1, f"the requests never shared a batch: {batch_sizes}"
+    for answer, clean in zip(answers, expected, strict=True):
+        assert answer.status_code == 200, answer.text
+        assert answer.content == clean.content, "a split batch gives the same bytes"
+    assert_store_clean(cache_dir)
+
+    # Not even one image fits: 503 out_of_memory with Retry-After, nothing stored.
+    empty_store(model_app)
+    batch_sizes.clear()
+    monkeypatch.setattr(engine, "_forward", out_of_memory_above(0))
+    answers = concurrently([cutout_request(model_app, upload) for upload in uploads])
+    for answer in answers:
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["code"] == "out_of_memory"
+        assert int(answer.headers["retry-after"]) > 0
+    assert assert_store_clean(cache_dir) == 0
+
+    monkeypatch.setattr(engine, "_forward", real_forward)  # the memory is back
+    for upload, clean in zip(uploads, expected, strict=True):
+        answer = cutout_request(model_app, upload)()
+        assert answer.status_code == 200 and answer.content == clean.content
+    assert model_app.get("/ready").status_code == 200
+    assert_store_clean(cache_dir)
+
+
+def test_a_corrupt_cached_mask_is_recomputed(model_app: TestClient) -> None:
+    upload = images.jpeg(160, 120, seed=14)
+    cache_dir = empty_store(model_app)
+    first = cutout_request(model_app, upload)()
+    assert first.status_code == 200
+    (mask,) = (cache_dir / "masks").glob("*.png")
+    mask.write_bytes(mask.read_bytes()[:100])  # a torn mask
+    again = post_effect(model_app, upload, "retro8bit", background="white")  # a new result: needs the mask
+    assert again.status_code == 200
+    empty_store(model_app)
+    clean = post_effect(model_app, upload, "retro8bit", background="white")
+    assert again.content == clean.content, "the corrupt mask was recomputed, not used"
+    assert_store_clean(cache_dir)
+
+
+def test_the_deadline_cancels_work_still_queued(model_app: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the deadline: 504 at once, and a mask job still waiting for the GPU is never run."""
+    cache_dir = empty_store(model_app)
+    engine = model_app.app.state.engine  # type: ignore[attr-defined]
+    admission = model_app.app.state.admission  # type: ignore[attr-defined]
+    real_forward = engine._forward
+    forwarded: list[int] = []
+
+    def slow_forward(images_: list[torch.Tensor]) -> list[torch.Tensor]:
+        forwarded.append(len(images_))
+        time.sleep(2.5)  # a long batch; the thread cannot be interrupted
+        return list(real_forward(images_))
+
+    monkeypatch.setattr(engine, "_forward", slow_forward)
+    monkeypatch.setattr(engine, "mask_batch_size", 1)  # the second request waits behind the first
+    monkeypatch.setattr(admission, "request_timeout_s", 1.5)
+    uploads = [images.jpeg(160, 120, seed=seed) for seed in (21, 22)]
+    started = time.monotonic()
+    answers = concurrently([cutout_request(model_app, upload) for upload in uploads])
+    elapsed = time.monotonic() - started
+    for answer in answers:
+        assert answer.status_code == 504, answer.text
+        body = answer.json()
+        assert body["code"] == "deadline_exceeded"
+        assert "1.5 s" in body["detail"] and "CUTOUT_REQUEST_TIMEOUT_S" in body["detail"]
+    assert elapsed < 2.5, "the answers did not wait for the batch that was running"
+    time.sleep(3.5)  # the running batch ends; the queued job is taken off the queue and skipped
+    assert forwarded == [1], f"the cancelled job still ran: batches {forwarded}"
+    assert admission.in_flight == 0
+    assert assert_store_clean(cache_dir) == 0, "nothing of a cancelled request is stored"
+
+    monkeypatch.setattr(admission, "request_timeout_s", 290.0)
+    monkeypatch.setattr(engine, "_forward", real_forward)
+    answer = cutout_request(model_app, uploads[1])()
+    assert answer.status_code == 200
+    empty_store(model_app)
+    assert cutout_request(model_app, uploads[1])().content == answer.content
+
+
+# ------------------------------------------------------------------------ sockets against a real server
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A real `python -m service`: at most 2 processing requests at once, a 3 s deadline."""
+    workdir = tmp_path_factory.mktemp("faults-server")
+    env = {"CUTOUT_MAX_QUEUE": "2", "CUTOUT_REQUEST_TIMEOUT_S": "3", "CUTOUT_LOG_FORMAT": "json"}
+    with running_server(workdir, env) as base:
+        yield base, workdir
+
+
+def access_statuses(workdir: Path) -> list[int]:
+    statuses = []
+    for log in workdir.glob("server-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("logger") == "cutout.access":
+                statuses.append(int(entry["status"]))
+            assert entry.get("message") != "unhandled error", line
+    return statuses
+
+
+def multipart_head(url: str, body_length: int, boundary: str = "cutoutboundary") -> bytes:
+    port = url.rsplit(":", 1)[1]
+    return (
+        f"POST /v1/process HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {body_length}\r\n\r\n"
+    ).encode()
+
+
+def multipart_body(upload: bytes, boundary: str = "cutoutboundary") -> bytes:
+    fields = {"effects": "popart", "background": "none"}
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + upload
+        + b"\r\n"
+    )
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+def connect(url: str) -> socket.socket:
+    port = int(url.rsplit(":", 1)[1])
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def read_answer(sock: socket.socket, timeout_s: float = 10.0, data: bytes = b"") -> tuple[int, dict[str, str], bytes]:
+    """Read one HTTP/1.1 answer with a Content-Length body from a raw socket (`data`: read already)."""
+    sock.settimeout(timeout_s)
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before an answer: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body
+
+
+def assert_server_healthy(base: str, workdir: Path, upload: bytes, expected: bytes) -> None:
+    with httpx.Client(base_url=base, timeout=30) as http:
+        assert http.get("/health").status_code == 200
+        answer = post_effect(http, upload, "popart")
+        assert answer.status_code == 200, answer.text
+        assert answer.content == expected
+    assert 500 not in access_statuses(workdir)
+    assert_store_clean(workdir / "cache")
+
+
+@pytest.fixture
+def expected_popart(client_factory: Callable[..., TestClient]) -> tuple[bytes, bytes]:
+    upload = images.jpeg(200, 150, seed=31)
+    return upload, clean_results(client_factory(), upload, ("popart",))["popart"]
+
+
+def test_clients_hanging_up_mid_upload(server: tuple[str, Path], expected_popart: tuple[bytes, bytes]) -> None:
+    base, workdir = server
+    upload, expected = expected_popart
+    body = multipart_body(upload)
+    head = multipart_head(base, len(body))
+    for cut in (0, 40, len(body) // 2, len(body) - 3, len(body)):
+        sock = connect(base)
+        sock.sendall(head + body[:cut])
+        time.sleep(0.1)
+        sock.close()  # the last one hangs up with the whole body sent, while its answer is computed
+    sock = connect(base)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST, no FIN
+    sock.sendall(head + body[: len(body) // 2])
+    sock.close()
+    time.sleep(1.0)  # let the server notice each hang-up and finish the request that had its body
+    assert_server_healthy(base, workdir, upload, expected)
+
+
+def test_a_slow_loris_upload_meets_the_deadline(server: tuple[str, Path], expected_popart: tuple[bytes, bytes]) -> None:
+    base, workdir = server
+    upload, expected = expected_popart
+    body = multipart_body(upload)
+    sock = connect(base)
+    sock.sendall(multipart_head(base, len(body)))
+    started = time.monotonic()
+    sock.setblocking(False)
+    answer = b""
+    sent = 0
+    while time.monotonic() - started < 10 and not answer:
+        try:
+            sock.send(body[sent : sent + 8])  # a few bytes every 0.2 s: far too slow for the deadline
+            sent += 8
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            break
+        time.sleep(0.2)
+        try:
+            answer = sock.recv(65536)
+        except BlockingIOError:
+            answer = b""
+    sock.setblocking(True)
+    elapsed = time.monotonic() - started
+    status, headers, raw = read_answer(sock, data=answer)
+    sock.close()
+    assert status == 504, raw
+    detail = json.loads(raw)
+    assert detail["code"] == "deadline_exceeded"
+    assert "upload was not received" in detail["detail"]
+    assert headers.get("connection") == "close"
+    assert 2.5 < elapsed < 6.0, elapsed
+    assert sent < len(body)
+    assert_server_healthy(base, workdir, upload, expected)
+
+
+def test_beyond_max_queue_requests_are_refused_at_once_without_reading_the_body(
+    server: tuple[str, Path], expected_popart: tuple[bytes, bytes]
+) -> None:
+    base, workdir = server
+    upload, expected = expected_popart
+    body = multipart_body(upload)
+    # Two uploads that stall half way hold the instance's two places (CUTOUT_MAX_QUEUE=2).
+    holders = [connect(base) for _ in range(2)]
+    for sock in holders:
+        sock.sendall(multipart_head(base, len(body)) + body[: len(body) // 2])
+    time.sleep(0.5)
+    try:
+        # A 20 MB upload announced: refused on its headers, before a byte of its body is sent.
+        sock = connect(base)
+        started = time.monotonic()
+        sock.sendall(multipart_head(base, 20_000_000))
+        status, headers, raw = read_answer(sock)
+        elapsed = time.monotonic() - started
+        sock.close()
+        assert status == 503, raw
+        answer = json.loads(raw)
+        assert answer["code"] == "overloaded"
+        assert "CUTOUT_MAX_QUEUE=2" in answer["detail"]
+        assert headers["retry-after"] == "2"
+        assert elapsed < 1.0
+        with httpx.Client(base_url=base, timeout=30) as http:
+            assert http.get("/health").status_code == 200, "reads are not counted"
+            assert http.get("/ready").status_code in (200, 503)
+    finally:
+        for sock in holders:
+            sock.close()
+    time.sleep(0.5)
+    assert_server_healthy(base, workdir, upload, expected)
