@@ -497,16 +497,32 @@ class CutoutModel:
         with torch.inference_mode():
             return F.interpolate(prob.to(torch.float32), size=(height, width), mode="bilinear", align_corners=True)
 
-    def warm_up(self) -> float:
-        """One real forward at model size; returns the mean of the mask (finite, or ModelLoadError)."""
-        probe = torch.zeros((3, 64, 64), dtype=torch.uint8, device=self.device)
-        mask = self.forward(self.prepare(probe).unsqueeze(0))
-        value = float(mask.mean())
-        if not torch.isfinite(mask).all():
+    def warm_up(self, size: int | None = None) -> float:
+        """One real forward through every layer; returns the mask's mean (ModelLoadError if not finite).
+
+        `size` defaults to the model size on CUDA (kernels chosen and memory reserved for the
+        real shape) and to 64 px on the CPU, where a forward at 1024 px takes tens of seconds
+        and warms nothing that a small one does not: the network runs at any multiple of 32.
+        """
+        if size is None:
+            size = self.base_size if self.device.type == "cuda" else 64
+        if size % 32:
+            raise ValueError(f"warm-up size must be a multiple of 32, got {size}")
+        probe = torch.zeros((1, 3, size, size), dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            autocast = (
+                torch.autocast("cuda", dtype=torch.float16)
+                if self.device.type == "cuda" and self.dtype != torch.float32
+                else contextlib.nullcontext()
+            )
+            with autocast:
+                logits = self._saliency(probe)["saliency"][-1]
+            mask = torch.sigmoid(logits.to(torch.float32))
+        if not bool(torch.isfinite(mask).all()):
             raise ModelLoadError(
                 f"{self.model_id}: the warm-up forward produced non-finite values; the weights are broken"
             )
-        return value
+        return float(mask.mean())
 
 
 def resize_like_pil(batch: torch.Tensor, height: int, width: int) -> torch.Tensor:

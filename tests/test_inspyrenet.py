@@ -294,3 +294,10 @@ def test_flop_count() -> None:
     # Windowed attention and convolutions grow with the pixel count, the decoder's row/column
     # attention a little faster.
     assert 6.0 < large / small < 12.0
+
+
+def test_warm_up_runs_a_small_real_forward_on_the_cpu(model: CutoutModel) -> None:
+    value = model.warm_up()
+    assert 0.0 <= value <= 1.0
+    with pytest.raises(ValueError, match="multiple of 32"):
+        model.warm_up(48)
