@@ -29,7 +29,8 @@ On SIGTERM (`service.__main__`) the instance starts draining: `/ready` answers 5
 processing requests get `503 shutting_down` with `Retry-After` and `Connection: close`, and
 requests already admitted run to their end; uvicorn stops accepting connections and waits for
 them up to `CUTOUT_SHUTDOWN_GRACE_S`, then the lifespan flushes telemetry in what is left of
-Cloud Run's 10 s before SIGKILL.
+Cloud Run's 10 s before SIGKILL. A request still running when the grace ends is cancelled by
+uvicorn; it is answered `503 shutting_down` (retry elsewhere) rather than uvicorn's bare 500.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ class Admission:
         self.refused_overloaded = 0
         self.refused_draining = 0
         self.deadlines_exceeded = 0
+        self.cut_by_shutdown = 0
         self.draining_since: float | None = None
 
     @property
@@ -181,6 +183,18 @@ class AdmissionMiddleware:
         try:
             async with asyncio.timeout(self.admission.request_timeout_s) as deadline:
                 await self.app(scope, tracked_receive, tracked_send)
+        except asyncio.CancelledError:
+            if not self.admission.draining or answered:
+                raise
+            # uvicorn cancels what still runs when the shutdown grace ends, and would answer 500
+            # for it; the client gets a 503 it can retry on another instance instead.
+            self.admission.cut_by_shutdown += 1
+            stopped = ShuttingDown(
+                f"this instance stopped before the request finished (its shutdown grace is "
+                f"{self.admission.shutdown_grace_s:g} s); retry, another instance will answer",
+                retry_after=DRAINING_RETRY_AFTER_S,
+            )
+            await _refuse(scope, receive, send, stopped, close=True)
         except TimeoutError:
             if not deadline.expired():
                 raise  # a timeout inside the app is the app's own failure, not the deadline
