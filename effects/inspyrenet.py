@@ -526,26 +526,24 @@ class CutoutModel:
 
 
 def resize_like_pil(batch: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(N, C, h, w) uint8 → (N, C, height, width) float32 holding the 8-bit values PIL's BILINEAR resize gives.
+    """(N, C, h, w) uint8 → (N, C, height, width) float32 holding the 8-bit values of PIL's BILINEAR resize.
 
-    PIL resamples in two separable passes (width first, then height), each with a triangle
-    filter stretched by the downscale factor, fixed-point coefficients and an 8-bit result.
-    On the CPU, torch's uint8 antialiased kernel is written to match PIL (it differs by one
-    level on a small fraction of pixels); on other devices the float kernel is used and
-    rounded to 8 bits after each pass like PIL.
+    PIL resamples with a triangle filter stretched by the downscale factor (antialiased),
+    fixed-point weights, in two 8-bit passes. On the CPU torch's uint8 antialiased kernel is
+    written to match it; other devices have no uint8 kernel, so the float one is used and
+    rounded to 8 bits. Either differs from PIL by at most one level, on some pixels.
     """
     if batch.device.type == "cpu":
-        return F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False).to(
-            torch.float32
-        )
-    x = batch.to(torch.float32)
-    if x.shape[-1] != width:
-        x = F.interpolate(x, size=(x.shape[-2], width), mode="bilinear", antialias=True, align_corners=False)
-        x = x.round_().clamp_(0.0, 255.0)
-    if x.shape[-2] != height:
-        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
-        x = x.round_().clamp_(0.0, 255.0)
-    return x
+        resized = F.interpolate(batch, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+        return resized.to(torch.float32)
+    return _resize_float(batch, height, width)
+
+
+def _resize_float(batch: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    resized = F.interpolate(
+        batch.to(torch.float32), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized.round_().clamp_(0.0, 255.0)
 
 
 # ---------------------------------------------------------------------------------------

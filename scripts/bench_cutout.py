@@ -12,6 +12,7 @@ Parts (each prints a table; "ratio" is reference time / our time, higher is bett
                Target: ours >= 10x faster.
 * flops        FLOPs of one InSPyReNet forward at 1024 x 1024 (and 384) from torch's FLOP counter,
                and the time that is on an NVIDIA L4 at its dense fp16 tensor-core peak: the floor.
+* stages       The same cutout in-process, stage by stage, ours next to Remover's own steps.
 * e2e          A 12 MP JPEG to a full-size RGBA PNG: our service (`python -m service`, POST
                /v1/effects/cutout, max_size=4096) vs `Remover(mode='fast').process(type='rgba')`
                + PIL save, warm, same random fast (384 px) weights. Target: ours >= 3x faster.
@@ -43,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -347,6 +349,92 @@ def part_end_to_end(service: Service, workdir: Path, pth: Path, repeats: int) ->
     )
 
 
+def part_stages(workdir: Path, pth: Path, safetensors: Path) -> None:
+    """Where the end-to-end time goes, stage by stage, in-process: ours vs Remover's own steps."""
+    import cv2
+    from pymatting import estimate_foreground_ml
+
+    from effects.inspyrenet import load_cutout_model
+
+    height, width = TWELVE_MP
+    data = photo_jpeg(height, width, seed=200)
+    os.environ["TRANSPARENT_BACKGROUND_FILE_PATH"] = str(workdir)
+    os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+    from transparent_background import Remover
+
+    remover = Remover(mode="fast", jit=False, device="cpu", ckpt=str(pth))
+    model = load_cutout_model(safetensors, torch.device("cpu"), torch.float32)
+    estimate_foreground_ml(np.zeros((8, 8, 3)), np.zeros((8, 8)))
+
+    def timed(stages: list[tuple[str, float]], name: str, run: Callable[[], Any]) -> Any:
+        started = time.perf_counter()
+        result = run()
+        stages.append((name, time.perf_counter() - started))
+        return result
+
+    def run_reference() -> list[tuple[str, float]]:
+        reference: list[tuple[str, float]] = []
+        photo = timed(reference, "decode JPEG (PIL)", lambda: Image.open(io.BytesIO(data)).convert("RGB"))
+        x = timed(reference, "resize + normalise (PIL, numpy)", lambda: remover.transform(photo).unsqueeze(0))
+        with torch.no_grad():
+            pred = timed(reference, "forward 384 px", lambda: remover.model(x))
+        mask = timed(
+            reference,
+            "upsample mask, to numpy",
+            lambda: F.interpolate(pred, photo.size[::-1], mode="bilinear", align_corners=True).numpy().squeeze(),
+        )
+        pixels = np.array(photo)
+        colours = timed(reference, "pymatting estimate_foreground_ml", lambda: remover.matting_fn(pixels / 255.0, mask))
+        rgba = timed(
+            reference,
+            "to 8 bit, cv2.merge",
+            lambda: cv2.merge(
+                [*cv2.split((255 * np.clip(colours, 0.0, 1.0) + 0.5).astype(np.uint8)), (mask * 255).astype(np.uint8)]
+            ),
+        )
+        timed(reference, "PNG encode (PIL default, level 6)", lambda: Image.fromarray(rgba).save(io.BytesIO(), "PNG"))
+        return reference
+
+    def run_ours() -> tuple[list[tuple[str, float]], torch.Tensor]:
+        ours: list[tuple[str, float]] = []
+        with torch.inference_mode():
+            array = timed(ours, "decode JPEG (PIL)", lambda: np.array(Image.open(io.BytesIO(data)).convert("RGB")))
+            image = timed(ours, "to a (3, H, W) tensor", lambda: torch.from_numpy(array).permute(2, 0, 1).contiguous())
+            prepared = timed(ours, "prepare (resize + normalise)", lambda: model.prepare(image))
+            probability = timed(ours, "forward 384 px", lambda: model.forward(prepared[None]))
+            alpha = timed(ours, "to_alpha (upsample mask)", lambda: model.to_alpha(probability, height, width))
+            rgb = timed(ours, "photo to float", lambda: image[None].to(torch.float32).div_(255.0))
+            output = torch.empty(1, 4, height, width)
+            timed(
+                ours,
+                "estimate_foreground (into the output)",
+                lambda: estimate_foreground(rgb, alpha, out=output[:, :3]),
+            )
+            output[:, 3:] = alpha
+            quantised = timed(
+                ours,
+                "to 8 bit, (H, W, 4) on the host",
+                lambda: output[0].mul_(255.0).round_().to(torch.uint8).permute(1, 2, 0).contiguous().numpy(),
+            )
+        timed(
+            ours,
+            "PNG encode (PIL, level 3)",
+            lambda: Image.fromarray(quantised).save(io.BytesIO(), "PNG", compress_level=3),
+        )
+        return ours, alpha
+
+    run_reference()  # warm: first forwards allocate, pymatting's compiled code loads
+    run_ours()
+    reference = run_reference()
+    ours, alpha = run_ours()
+    soft = float(((alpha > 1 / 512) & (alpha < 1 - 1 / 512)).float().mean())
+    title = f"Stages of one {width} x {height} cutout, in-process, fast weights (mask soft on {soft:.1%} of pixels)"
+    for who, stages in (("Remover", reference), ("ours", ours)):
+        rows = [[name, f"{seconds * 1000:.0f}"] for name, seconds in stages]
+        rows.append([f"{who} total", f"{sum(seconds for _, seconds in stages) * 1000:.0f}"])
+        table(f"{title}: {who}", ["stage", "ms"], rows)
+
+
 def part_throughput(service: Service, clients: list[int], requests_per_client: int, size: tuple[int, int]) -> None:
     import httpx
 
@@ -390,7 +478,7 @@ def part_throughput(service: Service, clients: list[int], requests_per_client: i
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="foreground,flops,e2e,cold,throughput")
+    parser.add_argument("--parts", default="flops,foreground,stages,e2e,cold,throughput")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clients", default="1,4,16")
@@ -399,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     parts = {part.strip() for part in args.parts.split(",") if part.strip()}
-    unknown = parts - {"foreground", "flops", "e2e", "cold", "throughput"}
+    unknown = parts - {"foreground", "flops", "stages", "e2e", "cold", "throughput"}
     if unknown:
         parser.error(f"unknown parts {sorted(unknown)}")
 
@@ -409,10 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         part_foreground(args.repeats)
     with tempfile.TemporaryDirectory(prefix="bench-cutout-") as scratch:
         workdir = Path(scratch)
-        if parts & {"e2e", "throughput"}:
+        if parts & {"stages", "e2e", "throughput"}:
             models_dir = workdir / "models-fast"
             pth = workdir / "ckpt_fast.pth"
-            write_inspyrenet(models_dir, "fast", seed=0, pth=pth)
+            safetensors = write_inspyrenet(models_dir, "fast", seed=0, pth=pth)
+            if "stages" in parts:
+                part_stages(workdir, pth, safetensors)
+        if parts & {"e2e", "throughput"}:
             with running_service(models_dir, workdir) as service:
                 if "e2e" in parts:
                     part_end_to_end(service, workdir, pth, args.repeats)

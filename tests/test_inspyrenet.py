@@ -301,3 +301,29 @@ def test_warm_up_runs_a_small_real_forward_on_the_cpu(model: CutoutModel) -> Non
     assert 0.0 <= value <= 1.0
     with pytest.raises(ValueError, match="multiple of 32"):
         model.warm_up(48)
+
+
+@pytest.mark.parametrize("size", [(97, 131), (640, 480), (3, 2), (256, 1024)], ids=str)
+def test_both_resize_kernels_are_within_one_level_of_pil(size: tuple[int, int]) -> None:
+    """The CPU path (uint8 kernel) and the GPU path (float kernel, rounded) against Image.BILINEAR."""
+    from effects.inspyrenet import _resize_float, resize_like_pil
+
+    image = photo(size[1], size[0], seed=21)
+    reference = torch.from_numpy(np.asarray(Image.fromarray(image).resize((384, 384), Image.Resampling.BILINEAR)).copy())
+    batch = torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
+    for resized in (resize_like_pil(batch, 384, 384), _resize_float(batch, 384, 384)):
+        assert (resized[0].permute(1, 2, 0) - reference.float()).abs().max().item() <= 1.0
+
+
+def test_gpu_resize_path_also_matches_remover(model: CutoutModel, remover: Any) -> None:
+    """The float resize used on CUDA (no uint8 kernel there) keeps the mask within 2/255 of Remover."""
+    from effects.inspyrenet import IMAGENET_MEAN, IMAGENET_STD, _resize_float
+
+    image = photo(480, 640, seed=22)
+    batch = torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    prepared = (_resize_float(batch, 384, 384) / 255.0 - mean) / std
+    alpha = model.to_alpha(dequantise_mask(quantise_mask(model.forward(prepared))), 640, 480)[0, 0].numpy() * 255
+    mapped = np.asarray(remover.process(Image.fromarray(image), type="map"))[..., 0].astype(np.float64)
+    assert np.abs(alpha - mapped).max() <= 2.0
