@@ -309,7 +309,9 @@ def test_both_resize_kernels_are_within_one_level_of_pil(size: tuple[int, int]) 
     from effects.inspyrenet import _resize_float, resize_like_pil
 
     image = photo(size[1], size[0], seed=21)
-    reference = torch.from_numpy(np.asarray(Image.fromarray(image).resize((384, 384), Image.Resampling.BILINEAR)).copy())
+    reference = torch.from_numpy(
+        np.asarray(Image.fromarray(image).resize((384, 384), Image.Resampling.BILINEAR)).copy()
+    )
     batch = torch.from_numpy(image).permute(2, 0, 1)[None].contiguous()
     for resized in (resize_like_pil(batch, 384, 384), _resize_float(batch, 384, 384)):
         assert (resized[0].permute(1, 2, 0) - reference.float()).abs().max().item() <= 1.0
