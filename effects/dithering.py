@@ -84,7 +84,7 @@ def _error_diffuse(tones: torch.Tensor) -> torch.Tensor:
     grey = (tones.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
     masks = []
     for item in grey[:, 0]:
-        binary = Image.fromarray(item, mode="L").convert("1", dither=Image.Dither.FLOYDSTEINBERG)
+        binary = Image.fromarray(item).convert("1", dither=Image.Dither.FLOYDSTEINBERG)
         masks.append(np.asarray(binary, dtype=np.uint8) == 0)
     ink = torch.from_numpy(np.stack(masks)[:, None])
     return ink.to(device=tones.device, dtype=tones.dtype)

@@ -140,6 +140,16 @@ def test_batch_items_equal_processing_each_alone(name: str, params: dict[str, An
     assert torch.allclose(out[1:2], run(name, second, seed=5, **params), atol=1e-6)
 
 
+@pytest.mark.parametrize(("name", "params"), VARIANTS, ids=VARIANT_IDS)
+def test_channels_last_and_strided_inputs_give_the_same_result(name: str, params: dict[str, Any]) -> None:
+    image = pet_like(40, 56)
+    expected = run(name, image, **params)
+    channels_last = image.contiguous(memory_format=torch.channels_last)
+    strided = torch.cat([image, image])[::2]
+    assert torch.allclose(run(name, channels_last, **params), expected, atol=1e-6)
+    assert torch.allclose(run(name, strided, **params), expected, atol=1e-6)
+
+
 def test_a_non_rgba_tensor_is_refused() -> None:
     with pytest.raises(ValueError, match="RGBA"):
         run("popart", torch.rand(1, 3, 8, 8))
