@@ -40,7 +40,7 @@ ALPHA_EPSILON = 1.0 / 512.0
 # Above this fraction of edge cells, dense full-resolution passes beat gathering their pixels.
 DENSE_LIMIT = 0.5
 # Dense passes work on bands of about this many pixel rows, so their temporaries stay in cache.
-CHUNK_PIXEL_ROWS = 64
+CHUNK_PIXEL_ROWS = 128
 _EPS = 1e-5
 
 
