@@ -279,7 +279,7 @@ def part_cold_start(workdir: Path, repeats: int) -> None:
         [
             ["Remover(mode='base', ckpt=...) in a fresh process", f"{reference_s:.1f}", "1.00"],
             [
-                "python -m service -> /ready 200 (incl. one 1024 px forward)",
+                "python -m service -> /ready 200 (load + warm-up forward)",
                 f"{ours_s:.1f}",
                 f"{ours_s / reference_s:.2f}",
             ],
