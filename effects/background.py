@@ -60,6 +60,7 @@ def compose(
     """(1, 3, H, W) photo + (1, 1, H, W) subject mask → (1, 4, H, W) straight RGBA in [0, 1].
 
     `source_alpha` is the upload's own transparency (a PNG with alpha), kept in every mode.
+    `rgb` is consumed: it may be overwritten.
     """
     ones = torch.ones_like(rgb[:, :1])
     source = source_alpha if source_alpha is not None else ones
@@ -68,15 +69,20 @@ def compose(
     if alpha is None:
         raise ValueError(f"background={background.canonical()} needs the subject mask")
     subject = alpha * source
-    foreground = estimate_foreground(rgb, subject)
     if background.kind == "transparent":
-        return torch.cat([foreground, subject], dim=1)
+        # The estimate is written straight into the colour planes of the result.
+        rgba = torch.empty((rgb.shape[0], 4, *rgb.shape[2:]), dtype=rgb.dtype, device=rgb.device)
+        estimate_foreground(rgb, subject, out=rgba[:, :3])
+        rgba[:, 3:4] = subject
+        return rgba
     if background.kind == "colour":
         colour = rgb.new_tensor(background.colour).view(1, 3, 1, 1) / 255.0
         behind = colour.expand_as(rgb)
     else:
         behind = blurred_background(rgb, subject)
-    composite = foreground * subject + behind * (1.0 - subject)
+    # `rgb` is this call's own copy and is not needed after the estimate: overwrite it.
+    foreground = estimate_foreground(rgb, subject, out=rgb)
+    composite = foreground.sub_(behind).mul_(subject).add_(behind)
     return torch.cat([composite.clamp_(0.0, 1.0), ones], dim=1)
 
 

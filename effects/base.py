@@ -15,7 +15,6 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
-
 # Model construction is not thread-safe across libraries: diffusers builds its modules under
 # accelerate's `init_empty_weights`, which patches `nn.Module.register_parameter` for the whole
 # process while it runs. Every loader builds its modules while holding this lock; reading

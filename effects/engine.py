@@ -151,7 +151,8 @@ class Engine:
         self._worker: asyncio.Task[None] | None = None
         self.created_at = time.monotonic()
         self.cold_start_seconds: float | None = None
-        self.batches_run = 0
+        self.batches_run = 0  # mask batches served through the queue
+        self.forwards_run = 0  # every real forward of the cutout model, warm-ups included
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -237,9 +238,11 @@ class Engine:
         return timings
 
     async def _warm_cutout(self) -> None:
+        # A real forward through every layer on the GPU thread: at model size on CUDA (kernels
+        # chosen, memory reserved for the real shape), small on the CPU where size warms nothing.
         model = self._require_cutout()
-        probe = torch.zeros((3, 64, 64), dtype=torch.uint8, device=self.device)
-        await self.mask(model.prepare(probe))
+        await asyncio.get_running_loop().run_in_executor(self._gpu, model.warm_up)
+        self.forwards_run += 1
 
     # ----------------------------------------------------------------- status
 
@@ -405,6 +408,7 @@ class Engine:
         batch = torch.stack(images)
         probabilities = model.forward(batch)
         self.batches_run += 1
+        self.forwards_run += 1
         return [dequantise_mask(quantise_mask(p.unsqueeze(0))) for p in probabilities]
 
     async def diffuse(

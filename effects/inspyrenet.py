@@ -479,6 +479,13 @@ class CutoutModel:
                 f"forward expects (N, 3, {self.base_size}, {self.base_size}) inputs from prepare(), "
                 f"got {tuple(batch.shape)}"
             )
+        probability = self._sigmoid_saliency(batch)
+        low = probability.amin(dim=(1, 2, 3), keepdim=True)
+        high = probability.amax(dim=(1, 2, 3), keepdim=True)
+        return (probability - low) / (high - low + 1e-8)
+
+    def _sigmoid_saliency(self, batch: torch.Tensor) -> torch.Tensor:
+        """The network's last saliency map through a float32 sigmoid (fp16 autocast on CUDA)."""
         with torch.inference_mode():
             autocast = (
                 torch.autocast("cuda", dtype=torch.float16)
@@ -487,10 +494,7 @@ class CutoutModel:
             )
             with autocast:
                 logits = self._saliency(batch)["saliency"][-1]
-            probability = torch.sigmoid(logits.to(torch.float32))
-            low = probability.amin(dim=(1, 2, 3), keepdim=True)
-            high = probability.amax(dim=(1, 2, 3), keepdim=True)
-            return (probability - low) / (high - low + 1e-8)
+            return torch.sigmoid(logits.to(torch.float32))
 
     def to_alpha(self, prob: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """(N, 1, S, S) probabilities → (N, 1, height, width) alpha, upsampled as `Remover` does."""
@@ -509,15 +513,7 @@ class CutoutModel:
         if size % 32:
             raise ValueError(f"warm-up size must be a multiple of 32, got {size}")
         probe = torch.zeros((1, 3, size, size), dtype=torch.float32, device=self.device)
-        with torch.inference_mode():
-            autocast = (
-                torch.autocast("cuda", dtype=torch.float16)
-                if self.device.type == "cuda" and self.dtype != torch.float32
-                else contextlib.nullcontext()
-            )
-            with autocast:
-                logits = self._saliency(probe)["saliency"][-1]
-            mask = torch.sigmoid(logits.to(torch.float32))
+        mask = self._sigmoid_saliency(probe)
         if not bool(torch.isfinite(mask).all()):
             raise ModelLoadError(
                 f"{self.model_id}: the warm-up forward produced non-finite values; the weights are broken"

@@ -125,7 +125,7 @@ def oidc_settings(google: LocalGoogle) -> dict[str, Any]:
 def test_shared_token_single_flight_and_cold_start(client_factory: Callable[..., TestClient], models_dir: Path) -> None:
     client = client_factory(warmup_token=TOKEN, models_dir=models_dir)
     engine = client.app.state.engine  # type: ignore[attr-defined]
-    batches = engine.batches_run
+    batches = engine.forwards_run
 
     first = client.post("/warmup", headers={"X-Warmup-Token": TOKEN})
     assert first.status_code == 200, first.text
@@ -135,7 +135,7 @@ def test_shared_token_single_flight_and_cold_start(client_factory: Callable[...,
     assert body["uptime_s"] > 0 and body["model_load_s"] > 0
     assert body["ready"] is True and body["models"]["cutout"]["status"] == "ready"
     assert set(body["timings_ms"]) == {"cutout"} and body["timings_ms"]["cutout"] > 0
-    assert engine.batches_run == batches + 1  # one real forward through the cutout model
+    assert engine.forwards_run == batches + 1  # one real forward through the cutout model
 
     missing = client.post("/warmup", headers={"Origin": "https://shop.example"})
     assert missing.status_code == 401 and missing.json()["code"] == "unauthorized"
@@ -143,16 +143,16 @@ def test_shared_token_single_flight_and_cold_start(client_factory: Callable[...,
     wrong = client.post("/warmup", headers={"X-Warmup-Token": TOKEN + "x"})
     assert wrong.status_code == 403 and wrong.json()["code"] == "forbidden"
     assert client.post("/warmup", headers={"Authorization": "Bearer nope"}).status_code == 403
-    assert engine.batches_run == batches + 1  # refused calls never reach the model
+    assert engine.forwards_run == batches + 1  # refused calls never reach the model
 
     second = client.post("/warmup", headers={"X-Warmup-Token": TOKEN}).json()
     assert second["cold_start"] is False
     assert second["uptime_s"] > body["uptime_s"]
-    assert engine.batches_run == batches + 2
+    assert engine.forwards_run == batches + 2
 
     # Concurrent calls share one run: one forward, the same answer for every caller.
     runner = client.app.state.warmup  # type: ignore[attr-defined]
-    batches, runs = engine.batches_run, runner.runs
+    batches, runs = engine.forwards_run, runner.runs
     answers: list[Any] = []
     barrier = threading.Barrier(4)
 
@@ -169,7 +169,7 @@ def test_shared_token_single_flight_and_cold_start(client_factory: Callable[...,
     bodies = [answer.json() for answer in answers]
     # One run, one forward; every caller got that run's answer.
     assert runner.runs == runs + 1
-    assert engine.batches_run == batches + 1
+    assert engine.forwards_run == batches + 1
     assert all(body == bodies[0] for body in bodies)
 
 
