@@ -8,9 +8,10 @@ as ink, the lighter bands in escalating neon hues. Band edges are anti-aliased o
 tone range, not hard-stepped, so curves stay clean at full resolution.
 
 With `grid=True` the output (same size as the input) holds four half-size panels, each with its
-own palette and its own flat background colour behind the subject, Warhol-style. The alpha
-channel is returned unchanged, as for every effect: the grid is meant for opaque output
-(`background=none`, `white`, a colour or `blur`), where the panel backgrounds show.
+own palette and its own flat background colour behind the subject, Warhol-style. The grid is an
+opaque poster: its panel backgrounds are the point, so it is the one setting of any effect that
+does not return the input's alpha (every pixel is opaque). Without the grid, alpha is returned
+unchanged, as for every effect.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Params(EffectParams):
     grid: bool = Field(
         default=False,
         description="Four half-size panels in four palettes, each on its own background colour (2x2, same size "
-        "as the input). Meant for opaque output: the alpha channel is returned unchanged.",
+        "as the input): an opaque poster, whatever the background.",
     )
     detail: float = Field(
         default=0.3, ge=0.0, le=1.0, description="Fine detail kept inside the flat shapes (0 = smoothest poster)."
@@ -182,7 +183,10 @@ def apply(image: torch.Tensor, params: Params, seed: int) -> torch.Tensor:
             out[:, :3, row : row + rows, col : col + cols] = flat[..., :rows, :cols]
 
     out[:, :3].clamp_(0.0, 1.0)  # the summed band steps can overshoot by float rounding
-    out[:, 3:4].copy_(image[:, 3:4])
+    if params.grid:
+        out[:, 3:4].fill_(1.0)  # the panels' own backgrounds fill the poster
+    else:
+        out[:, 3:4].copy_(image[:, 3:4])
     return out
 
 
@@ -190,7 +194,7 @@ EFFECT = Effect(
     name="popart",
     kind="classic",
     description="Pop art: flat neon colour bands with ink shadows, optionally as a four-panel Warhol grid.",
-    version=1,
+    version=2,
     params=Params,
     apply=apply,
 )
