@@ -28,8 +28,12 @@ The mix (`--mix hit=0.5,miss=0.3,fresh=0.15,model=0.05`) draws each request's ki
 Requests alternate between `POST /v1/process` (JSON) and `POST /v1/effects/{effect}` (bytes).
 Nothing is retried: a 429 or 503 is counted (with whether it carried `Retry-After`), not hidden.
 Latency is the client's wall time from sending the first byte to reading the last, per kind.
-The server's resident memory (RSS, psutil) is read after priming, sampled during the run (peak)
-and read at the end: `--server-pid`, or the process listening on the URL's port.
+The server's resident memory (RSS, psutil; `--server-pid`, or the process listening on the URL's
+port) is read after priming ("start"), after `--warmup` requests of the same mix if asked for
+("after warm-up": the allocator has reached the working set of this concurrency), sampled during
+the run (peak) and read at the end. "Growth over the run" is end minus the later of the two:
+a leak shows there; the first run at a new concurrency also shows glibc keeping the freed peak
+working set for reuse, which a warm-up separates out.
 
 Exit status: 0 when every answer was 2xx, a 429 or 503 with `Retry-After`, or a deliberate 4xx;
 1 when any other 5xx (a 500, a 504, a 503 without `Retry-After`) or a transport error happened.
@@ -207,7 +211,8 @@ class Outcome:
 class RunResult:
     outcomes: list[Outcome]
     wall_s: float
-    rss_before: int | None
+    rss_start: int | None  # after priming
+    rss_before: int | None  # after the warm-up requests, if any
     rss_after: int | None
     rss_peak: int | None
     not_started: int
@@ -264,6 +269,7 @@ async def run(
     url: str,
     planned: list[Planned],
     *,
+    warmup: list[Planned],
     concurrency: int,
     duration_s: float,
     timeout_s: float,
@@ -274,21 +280,11 @@ async def run(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         await prime(client, big, recipes)
+        rss_start = server_rss(pid)
+        if warmup:
+            await drive(client, warmup, concurrency, duration_s)
         rss_before = server_rss(pid)
         rss_peak = rss_before
-        queue: asyncio.Queue[Planned] = asyncio.Queue()
-        for item in planned:
-            queue.put_nowait(item)
-        outcomes: list[Outcome] = []
-        stop_at = time.monotonic() + duration_s
-
-        async def worker() -> None:
-            while time.monotonic() < stop_at:
-                try:
-                    item = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                outcomes.append(await send(client, item))
 
         async def sample_rss() -> None:
             nonlocal rss_peak
@@ -300,12 +296,34 @@ async def run(
 
         sampler = asyncio.create_task(sample_rss())
         started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        outcomes, not_started = await drive(client, planned, concurrency, duration_s)
         wall_s = time.perf_counter() - started
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         rss_after = server_rss(pid)
-        return RunResult(outcomes, wall_s, rss_before, rss_after, rss_peak, queue.qsize())
+        return RunResult(outcomes, wall_s, rss_start, rss_before, rss_after, rss_peak, not_started)
+
+
+async def drive(
+    client: httpx.AsyncClient, planned: list[Planned], concurrency: int, duration_s: float
+) -> tuple[list[Outcome], int]:
+    """Send `planned` with `concurrency` requests in flight; returns the outcomes and how many never started."""
+    queue: asyncio.Queue[Planned] = asyncio.Queue()
+    for item in planned:
+        queue.put_nowait(item)
+    outcomes: list[Outcome] = []
+    stop_at = time.monotonic() + duration_s
+
+    async def worker() -> None:
+        while time.monotonic() < stop_at:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            outcomes.append(await send(client, item))
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return outcomes, queue.qsize()
 
 
 # ------------------------------------------------------------------------ the server
@@ -469,9 +487,11 @@ def summarise(result: RunResult, concurrency: int) -> dict[str, Any]:
     without_retry_after = sum(1 for o in outcomes if o.status in (429, 503) and not o.retry_after)
     unexpected = [o for o in outcomes if o.status == 0 or (o.status >= 500 and not (o.status == 503 and o.retry_after))]
     hits_not_hits = sum(1 for o in outcomes if o.kind == "hit" and o.status == 200 and o.cache != "hit")
-    rss_growth = None
+    rss_growth = rss_growth_from_start = None
     if result.rss_before is not None and result.rss_after is not None:
         rss_growth = result.rss_after - result.rss_before
+    if result.rss_start is not None and result.rss_after is not None:
+        rss_growth_from_start = result.rss_after - result.rss_start
     return {
         "concurrency": concurrency,
         "requests": len(outcomes),
@@ -484,10 +504,12 @@ def summarise(result: RunResult, concurrency: int) -> dict[str, Any]:
         "refusals_without_retry_after": without_retry_after,
         "unexpected_failures": len(unexpected),
         "hits_not_served_from_cache": hits_not_hits,
+        "rss_start_mb": None if result.rss_start is None else result.rss_start / MB,
         "rss_before_mb": None if result.rss_before is None else result.rss_before / MB,
         "rss_after_mb": None if result.rss_after is None else result.rss_after / MB,
         "rss_peak_mb": None if result.rss_peak is None else result.rss_peak / MB,
         "rss_growth_mb": None if rss_growth is None else rss_growth / MB,
+        "rss_growth_from_start_mb": None if rss_growth_from_start is None else rss_growth_from_start / MB,
         "hit_p50_over_miss_p50": (
             by_kind["hit"]["p50_ms"] / by_kind["miss"]["p50_ms"] if "hit" in by_kind and "miss" in by_kind else None
         ),
@@ -520,9 +542,13 @@ def print_report(summary: dict[str, Any], big_bytes: int) -> None:
     if summary["hits_not_served_from_cache"]:
         print(f"!! {summary['hits_not_served_from_cache']} `hit` requests were not served from the cache")
     if summary["rss_before_mb"] is not None:
+        warmed = summary["rss_start_mb"] != summary["rss_before_mb"]
         print(
-            f"server RSS: before {summary['rss_before_mb']:.0f} MiB, after {summary['rss_after_mb']:.0f} MiB, "
-            f"peak {summary['rss_peak_mb']:.0f} MiB, growth {summary['rss_growth_mb']:+.1f} MiB"
+            f"server RSS: start {summary['rss_start_mb']:.0f} MiB"
+            + (f", after warm-up {summary['rss_before_mb']:.0f} MiB" if warmed else "")
+            + f", end {summary['rss_after_mb']:.0f} MiB, peak {summary['rss_peak_mb']:.0f} MiB; growth over the run "
+            f"{summary['rss_growth_mb']:+.1f} MiB"
+            + (f" (from the start {summary['rss_growth_from_start_mb']:+.1f} MiB)" if warmed else "")
         )
     else:
         print("server RSS: unknown (pass --server-pid)")
@@ -546,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix", type=parse_mix, default=parse_mix(DEFAULT_MIX), help=f"default {DEFAULT_MIX}")
     parser.add_argument("--big-mb", type=float, default=2.0, help="size of the photo of `hit` and `miss` (MiB)")
     parser.add_argument("--seed", type=int, default=0, help="the plan's seed: kinds, photos, effects")
+    parser.add_argument(
+        "--warmup", type=int, default=0, help="requests of the same mix sent first, not counted (0-100000)"
+    )
     parser.add_argument("--timeout-s", type=float, default=330.0, help="client timeout of one request")
     parser.add_argument("--server-pid", type=int, default=None, help="pid of the server, for its RSS")
     parser.add_argument(
@@ -558,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--requests must be between 1 and 100000")
     if not 1 <= args.concurrency <= 256:
         parser.error("--concurrency must be between 1 and 256")
+    if not 0 <= args.warmup <= 100_000:
+        parser.error("--warmup must be between 0 and 100000")
     if not 0 < args.duration_s <= 3600:
         parser.error("--duration-s must be in (0, 3600]")
     server_env: dict[str, str] = {}
@@ -566,10 +597,14 @@ def main(argv: list[str] | None = None) -> int:
         if not sep or not name.startswith(("CUTOUT_", "HOST", "PORT")):
             parser.error(f"--server-env wants CUTOUT_NAME=VALUE, got {item!r}")
         server_env[name] = value
+    if args.url is not None:
+        require_loopback(args.url)  # before anything else: never a request to another machine
 
     print(f"generating photos (a {args.big_mb:g} MiB JPEG, {args.requests} planned requests) ...", flush=True)
     big = big_jpeg(args.big_mb)
     planned = plan(args.requests, args.mix, big, args.seed)
+    # Other photos and seeds than the measured run's, so that warm-up misses stay misses there.
+    warmup = plan(args.warmup, args.mix, big, args.seed + 7919) if args.warmup else []
     recipes = hit_recipes(args.mix)
 
     pid: int | None
@@ -587,18 +622,22 @@ def main(argv: list[str] | None = None) -> int:
             pid = args.server_pid or listening_pid(port)
             spawned = None
         print(f"target {url} (server pid {pid}); kinds {dict(Counter(p.kind for p in planned))}", flush=True)
-        result = asyncio.run(
-            run(
-                url,
-                planned,
-                concurrency=args.concurrency,
-                duration_s=args.duration_s,
-                timeout_s=args.timeout_s,
-                pid=pid,
-                recipes=recipes,
-                big=big,
+        try:
+            result = asyncio.run(
+                run(
+                    url,
+                    planned,
+                    warmup=warmup,
+                    concurrency=args.concurrency,
+                    duration_s=args.duration_s,
+                    timeout_s=args.timeout_s,
+                    pid=pid,
+                    recipes=recipes,
+                    big=big,
+                )
             )
-        )
+        except httpx.TransportError as exc:
+            raise SystemExit(f"cannot reach {url}: {exc.__class__.__name__}: {exc}") from exc
         if spawned is not None:
             code, seconds = spawned.stop()
             result.server = {"exit_code": code, "sigterm_to_exit_s": round(seconds, 2)}
