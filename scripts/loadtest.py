@@ -29,11 +29,12 @@ Requests alternate between `POST /v1/process` (JSON) and `POST /v1/effects/{effe
 Nothing is retried: a 429 or 503 is counted (with whether it carried `Retry-After`), not hidden.
 Latency is the client's wall time from sending the first byte to reading the last, per kind.
 The server's resident memory (RSS, psutil; `--server-pid`, or the process listening on the URL's
-port) is read after priming ("start"), after `--warmup` requests of the same mix if asked for
-("after warm-up": the allocator has reached the working set of this concurrency), sampled during
-the run (peak) and read at the end. "Growth over the run" is end minus the later of the two:
-a leak shows there; the first run at a new concurrency also shows glibc keeping the freed peak
-working set for reuse, which a warm-up separates out.
+port) is read after priming ("start"), after `--warmup` requests of the same mix if asked for,
+sampled during the run (peak) and read at the end. Each reading but the peak comes after
+`--settle-s` idle seconds, the time the service takes to hand memory freed after a burst back to
+the OS (service/admission.py, `IdleMemoryRelease`); without that, the end reading is the burst's
+high-water mark kept by glibc for reuse, not memory in use. "Growth over the run" is the end
+minus the later of the start and after-warm-up readings: a leak shows there.
 
 Exit status: 0 when every answer was 2xx, a 429 or 503 with `Retry-After`, or a deliberate 4xx;
 1 when any other 5xx (a 500, a 504, a 503 without `Retry-After`) or a transport error happened.
@@ -270,6 +271,7 @@ async def run(
     planned: list[Planned],
     *,
     warmup: list[Planned],
+    settle_s: float,
     concurrency: int,
     duration_s: float,
     timeout_s: float,
@@ -280,9 +282,11 @@ async def run(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits) as client:
         await prime(client, big, recipes)
+        await asyncio.sleep(settle_s)
         rss_start = server_rss(pid)
         if warmup:
             await drive(client, warmup, concurrency, duration_s)
+            await asyncio.sleep(settle_s)
         rss_before = server_rss(pid)
         rss_peak = rss_before
 
@@ -298,6 +302,7 @@ async def run(
         started = time.perf_counter()
         outcomes, not_started = await drive(client, planned, concurrency, duration_s)
         wall_s = time.perf_counter() - started
+        await asyncio.sleep(settle_s)
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         rss_after = server_rss(pid)
@@ -575,6 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--warmup", type=int, default=0, help="requests of the same mix sent first, not counted (0-100000)"
     )
+    parser.add_argument("--settle-s", type=float, default=3.0, help="idle seconds before each RSS reading (0-60)")
     parser.add_argument("--timeout-s", type=float, default=330.0, help="client timeout of one request")
     parser.add_argument("--server-pid", type=int, default=None, help="pid of the server, for its RSS")
     parser.add_argument(
@@ -589,6 +595,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency must be between 1 and 256")
     if not 0 <= args.warmup <= 100_000:
         parser.error("--warmup must be between 0 and 100000")
+    if not 0 <= args.settle_s <= 60:
+        parser.error("--settle-s must be between 0 and 60")
     if not 0 < args.duration_s <= 3600:
         parser.error("--duration-s must be in (0, 3600]")
     server_env: dict[str, str] = {}
@@ -628,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                     url,
                     planned,
                     warmup=warmup,
+                    settle_s=args.settle_s,
                     concurrency=args.concurrency,
                     duration_s=args.duration_s,
                     timeout_s=args.timeout_s,

@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from cache.store import LocalStore, ResultStore
 from effects.engine import Engine
 from service import operations
-from service.admission import Admission, AdmissionMiddleware
+from service.admission import Admission, AdmissionMiddleware, IdleMemoryRelease
 from service.errors import install_error_handlers
 from service.flow import Flow
 from service.routes import compat, meta, process, results
@@ -67,6 +67,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loading = asyncio.create_task(engine.start(), name="cutout-model-loading")
         app.state.loading = loading
         running = operations.start(app, settings, engine)
+        memory = IdleMemoryRelease(admission)
+        memory.start()
         try:
             yield
         finally:
@@ -78,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await running.stop()  # the metrics flusher's last write, the trace exporter's flush
             except TimeoutError:
                 log.warning("telemetry flush cut short after %.1f s, before Cloud Run's SIGKILL", budget_s)
+            await memory.stop()
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await engine.stop()

@@ -26,6 +26,7 @@ import torch
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
+from scripts.loadtest import big_jpeg
 from service.app import create_app
 from service.telemetry import install_tracing
 from tests import images
@@ -549,3 +550,19 @@ def test_beyond_max_queue_requests_are_refused_at_once_without_reading_the_body(
             sock.close()
     time.sleep(0.5)
     assert_server_healthy(base, workdir, upload, expected)
+
+
+def test_clients_exactly_at_max_queue_are_never_refused(server: tuple[str, Path]) -> None:
+    """A place is free again as soon as its answer is out: two clients sending back to back
+    against CUTOUT_MAX_QUEUE=2 are never refused, uploads large enough to spool to disk included."""
+    base, workdir = server
+    upload = big_jpeg(1.5)
+
+    def client_loop() -> list[int]:
+        with httpx.Client(base_url=base, timeout=30) as http:
+            return [post_effect(http, upload, "popart").status_code for _ in range(20)]
+
+    refused_before = access_statuses(workdir).count(503)
+    loops = concurrently([client_loop, client_loop])
+    assert loops == [[200] * 20, [200] * 20]
+    assert access_statuses(workdir).count(503) == refused_before

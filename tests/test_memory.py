@@ -8,6 +8,7 @@ caches exist), then after the measured phase.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import time
@@ -20,6 +21,7 @@ import httpx
 import psutil
 
 from scripts.loadtest import spawn_server
+from service.admission import Admission, IdleMemoryRelease
 from tests import images
 from tests.test_faults import assert_store_clean
 
@@ -34,6 +36,8 @@ CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
 # far more. 64 MB sits below both and above the noise seen in runs (see the printed figures).
 GROWTH_BOUND_MB = 64
 WARMUP_REQUESTS = 100
+# Idle time before a reading: the service returns freed memory to the OS within 2 s of going idle.
+SETTLE_S = 3.0
 MEASURED_REQUESTS = 400
 
 
@@ -96,8 +100,10 @@ def test_no_memory_growth_across_500_requests(models_dir: Path, tmp_path: Path) 
         measured = list(requests_plan(MEASURED_REQUESTS, seed=2))
         started = rss_mb(server.pid)
         assert send_all(server.url, warmup) == Counter({200: WARMUP_REQUESTS})
+        time.sleep(SETTLE_S)
         before = rss_mb(server.pid)
         assert send_all(server.url, measured) == Counter({200: MEASURED_REQUESTS})
+        time.sleep(SETTLE_S)
         after = rss_mb(server.pid)
         with httpx.Client(base_url=server.url) as http:
             assert http.get("/health").status_code == 200
@@ -167,3 +173,23 @@ def test_uploads_over_the_byte_limit_cost_no_memory(tmp_path: Path) -> None:
     assert "413" in log
     # Multipart files spool to disk past 1 MB, so even four uploads at once stay far below their size.
     assert peak - before < 4 * limit / MB, f"peak RSS grew {peak - before:.0f} MB"
+
+
+def test_freed_memory_goes_back_to_the_os_only_when_idle() -> None:
+    async def scenario() -> tuple[int, int]:
+        admission = Admission(max_queue=4, request_timeout_s=10.0, shutdown_grace_s=1.0)
+        release = IdleMemoryRelease(admission, interval_s=0.05)
+        release.start()
+        try:
+            admission.in_flight, admission.completed = 1, 5  # busy: the memory is the working set
+            await asyncio.sleep(0.3)
+            busy = release.trims
+            admission.in_flight = 0  # idle, after requests finished: one trim, then none
+            await asyncio.sleep(0.3)
+            return busy, release.trims
+        finally:
+            await release.stop()
+
+    busy, idle = asyncio.run(scenario())
+    assert busy == 0
+    assert idle == 1
