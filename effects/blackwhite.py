@@ -88,8 +88,12 @@ def film_weights(lens_filter: str) -> tuple[float, float, float]:
     return (r / total, g / total, b / total)
 
 
-def _grain(image: torch.Tensor, params: Params, seed: int) -> torch.Tensor:
-    """Unit-variance grain, (N, 1, H, W); every image of a batch gets the seed's own pattern."""
+def _grain(image: torch.Tensor, params: Params, seed: int) -> tuple[torch.Tensor, float]:
+    """Grain (N, 1, H, W) and the factor that brings it to unit variance.
+
+    Every image of a batch gets the seed's own pattern, so an image's grain does not depend on
+    what it was batched with.
+    """
     n, _, height, width = image.shape
     scale = max(1.0, params.grain_size * max(height, width) / REFERENCE_SIDE)
     small = (max(1, round(height / scale)), max(1, round(width / scale)))
@@ -97,12 +101,12 @@ def _grain(image: torch.Tensor, params: Params, seed: int) -> torch.Tensor:
     for index in range(n):
         generator = generator_for(image, seed)
         noise[index] = torch.randn((1, *small), generator=generator, dtype=image.dtype, device=image.device)
-    if small != (height, width):
-        # Bilinear resampling averages neighbouring samples, which lowers the variance; bring it
-        # back up (about 1.5x in amplitude once the scale reaches 2).
-        noise = F.interpolate(noise, size=(height, width), mode="bilinear", align_corners=False)
-        noise.mul_(1.0 + 0.5 * min(1.0, scale - 1.0))
-    return noise
+    if small == (height, width):
+        return noise, 1.0
+    # Bilinear resampling averages neighbouring samples, which lowers the variance (amplitude
+    # about 2/3 once the scale reaches 2): the caller scales it back up.
+    noise = F.interpolate(noise, size=(height, width), mode="bilinear", align_corners=False)
+    return noise, 1.0 + 0.5 * min(1.0, scale - 1.0)
 
 
 def apply(image: torch.Tensor, params: Params, seed: int) -> torch.Tensor:
@@ -167,8 +171,10 @@ def apply(image: torch.Tensor, params: Params, seed: int) -> torch.Tensor:
     if params.grain > 0.0:
         # Grain peaks in the midtones: amplitude ~ x (1 - x), with a floor so highlights keep some.
         envelope = torch.addcmul(toned, toned, toned, value=-1.0).add_(0.04)
-        envelope.mul_(_grain(image, params, seed))
-        toned.add_(envelope, alpha=params.grain * 0.22)
+        noise, unit = _grain(image, params, seed)
+        envelope.mul_(noise)
+        del noise
+        toned.add_(envelope, alpha=params.grain * 0.22 * unit)
         del envelope
 
     return assemble((toned, toned, toned), image)
