@@ -165,7 +165,11 @@ def encode(pixels: np.ndarray, output_format: str, png_compress_level: int = 3) 
     opaque = bool(pixels[:, :, 3].min() == 255)
     buffer = io.BytesIO()
     if output_format == "png":
-        (image.convert("RGB") if opaque else image).save(buffer, "PNG", compress_level=png_compress_level)
+        # Black-and-white results (blackwhite, dithering) are stored as greyscale: a third of the
+        # samples to compress, so faster to encode and smaller, with the same pixels.
+        grey = _is_grey(pixels)
+        mode = ("L" if opaque else "LA") if grey else ("RGB" if opaque else "RGBA")
+        image.convert(mode).save(buffer, "PNG", compress_level=png_compress_level)
     elif output_format == "webp":
         (image.convert("RGB") if opaque else image).save(buffer, "WEBP", quality=90, method=4)
     elif output_format == "jpeg":
@@ -175,3 +179,8 @@ def encode(pixels: np.ndarray, output_format: str, png_compress_level: int = 3) 
     else:
         raise InvalidParameter(f"unknown format {output_format!r}; use one of {', '.join(OUTPUT_FORMATS)}")
     return buffer.getvalue()
+
+
+def _is_grey(pixels: np.ndarray) -> bool:
+    red = pixels[:, :, 0]
+    return bool(np.array_equal(red, pixels[:, :, 1]) and np.array_equal(red, pixels[:, :, 2]))

@@ -168,3 +168,19 @@ def test_results_carry_no_metadata(client: TestClient) -> None:
         assert not result.getexif(), fmt
         assert b"Exif" not in response.content
         assert "icc_profile" not in result.info
+
+
+def test_black_and_white_results_are_stored_as_greyscale_png() -> None:
+    grey = np.zeros((20, 30, 4), dtype=np.uint8)
+    grey[..., :3] = np.arange(30, dtype=np.uint8)[None, :, None] * 8
+    grey[..., 3] = 255
+    opaque = Image.open(io.BytesIO(imaging.encode(grey, "png")))
+    assert opaque.mode == "L"
+    assert np.array_equal(np.asarray(opaque.convert("RGBA")), grey)
+    grey[:5, :5, 3] = 0
+    transparent = Image.open(io.BytesIO(imaging.encode(grey, "png")))
+    assert transparent.mode == "LA"
+    assert np.array_equal(np.asarray(transparent.convert("RGBA")), grey)
+    colour = grey.copy()
+    colour[0, 0, 0] ^= 1
+    assert Image.open(io.BytesIO(imaging.encode(colour, "png"))).mode == "RGBA"
