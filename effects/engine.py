@@ -327,7 +327,7 @@ class Engine:
     def download(self, image: torch.Tensor) -> np.ndarray:
         """(1, 4, h, w) float on the device → (h, w, 4) uint8 on the host: the one download."""
         with torch.inference_mode():
-            quantised = image[0].clamp(0.0, 1.0).mul(255.0).round_().to(torch.uint8)
+            quantised = image[0].clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)  # one float copy
             return np.ascontiguousarray(quantised.permute(1, 2, 0).cpu().numpy())
 
     # ----------------------------------------------------------------- the GPU queue

@@ -312,7 +312,7 @@ class Flow:
         timings["decode"] = _ms_since(clock)
 
         clock = time.perf_counter()
-        mask_store: asyncio.Task[None] | None = None
+        mask_store: asyncio.Task[CacheOutcome] | None = None
         mask = None
         if request.background.needs_mask:
             with stage("mask") as span:  # GPU time comes from its share of the mask batch
@@ -385,7 +385,9 @@ class Flow:
             return await self.engine.diffuse(effect, image, params, request.seed, request.max_size)
         return image  # cutout: the background step did the work
 
-    async def _mask(self, image_hash: str, image: torch.Tensor) -> tuple[torch.Tensor, asyncio.Task[None] | None]:
+    async def _mask(
+        self, image_hash: str, image: torch.Tensor
+    ) -> tuple[torch.Tensor, asyncio.Task[CacheOutcome] | None]:
         """The subject mask: from the mask cache, or from the model (then cached)."""
         from effects.inspyrenet import dequantise_mask, quantise_mask
 
@@ -411,7 +413,7 @@ class Flow:
         except ModelMissing as exc:
             raise ModelUnavailable(str(exc), retry_after=60) from exc
         data = await asyncio.to_thread(_encode_mask, quantise_mask(mask))
-        return mask, asyncio.create_task(self._store_quietly(name, data, "image/png"))
+        return mask, asyncio.create_task(self._store(name, data, "image/png"))
 
     async def _store(
         self, name: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None
@@ -422,9 +424,6 @@ class Flow:
             self._store_failed("write", name, exc)
             return "bypass"
         return "miss"
-
-    async def _store_quietly(self, name: str, data: bytes, content_type: str) -> None:
-        await self._store(name, data, content_type)
 
     def _store_failed(self, action: str, name: str, exc: Exception) -> None:
         # The cache is an optimisation: its failure is logged and counted, never answered.

@@ -49,7 +49,6 @@ def test_effect_contract(model_client: TestClient, effect: str) -> None:
         assert np.abs(small - cutout[..., 3].astype(np.int16)).mean() < 8, "alpha must follow the cutout's"
 
     # Same seed, same bytes — computed again from scratch, not served from the cache.
-    model_client.app.state.store.root.joinpath("results")  # type: ignore[attr-defined]
     for path in model_client.app.state.store.root.joinpath("results").iterdir():  # type: ignore[attr-defined]
         path.unlink()
     again = run(model_client, effect, seed=3)
