@@ -12,12 +12,14 @@ once per result.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -38,6 +40,12 @@ log = logging.getLogger("cutout.engine")
 # The OpenTelemetry API only: a no-op unless the service installed a tracer provider.
 _tracer = trace.get_tracer("cutout.engine")
 MASK_BATCH_SPAN = "mask batch"
+# Peak device memory of one request's tensor work, in units of its (1, 4, h, w) float32 output
+# image, on top of the 8-bit upload: measured by scripts/bench_memory.py (docs/capacity.md).
+WORKING_SET_FACTOR = 4.0
+# Device memory kept out of the requests' budget: the CUDA context, cuDNN/cuBLAS workspaces and
+# the caching allocator's fragmentation.
+DEVICE_RESERVE_BYTES = 2 * 1024**3
 
 CUTOUT = "cutout"
 MANIFEST = "model.json"
@@ -118,6 +126,9 @@ def read_model_id(directory: Path) -> str:
 
 
 class Engine:
+    # An explicit bound on the device memory for requests' tensor work (None: from the device).
+    work_memory_limit: int | None = None
+
     def __init__(
         self,
         *,
@@ -298,21 +309,32 @@ class Engine:
         return tensor.contiguous()
 
     def prepare_mask_input(self, image: torch.Tensor) -> torch.Tensor:
-        return self._require_cutout().prepare(image[:3])
+        with device_memory_guard("preparing the mask input"):
+            return self._require_cutout().prepare(image[:3])
 
     def render_background(
         self, image: torch.Tensor, mask: torch.Tensor | None, background: Background, max_size: int
     ) -> torch.Tensor:
-        """The uploaded image at output size with its background treated: (1, 4, h, w) float."""
+        """The uploaded image at output size with its background treated: (1, 4, h, w) float.
+
+        The upload is brought to the output size one channel at a time, so the float work never
+        holds more than one full-size plane next to the 8-bit upload: for a 12 MP photo at
+        max_size 2048 that is 48 MB instead of a 192 MB RGBA float copy. Each channel is resized
+        on its own either way, so the pixels are the same as resizing all four at once.
+        """
         height, width = output_size(image.shape[1], image.shape[2], max_size)
-        with torch.inference_mode():
-            pixels = image.unsqueeze(0).to(torch.float32).div_(255.0)
-            if (height, width) != (image.shape[1], image.shape[2]):
-                pixels = F.interpolate(
-                    pixels, size=(height, width), mode="bilinear", antialias=True, align_corners=False
-                )
-            rgb = pixels[:, :3].clamp(0.0, 1.0)
-            source_alpha = pixels[:, 3:4].clamp(0.0, 1.0) if image.shape[0] == 4 else None
+        with device_memory_guard("compositing the background"), torch.inference_mode():
+            pixels = torch.empty((1, image.shape[0], height, width), dtype=torch.float32, device=image.device)
+            for channel in range(image.shape[0]):
+                plane = image[channel].view(1, 1, *image.shape[1:]).to(torch.float32).div_(255.0)
+                if (height, width) != (image.shape[1], image.shape[2]):
+                    plane = F.interpolate(
+                        plane, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+                    )
+                pixels[:, channel : channel + 1] = plane
+                del plane
+            rgb = pixels[:, :3].clamp_(0.0, 1.0)
+            source_alpha = pixels[:, 3:4].clamp_(0.0, 1.0) if image.shape[0] == 4 else None
             alpha = None
             if mask is not None:
                 alpha = self._require_cutout().to_alpha(mask, height, width).to(torch.float32)
@@ -321,14 +343,50 @@ class Engine:
     def apply_classic(self, effect: Effect, image: torch.Tensor, params: EffectParams, seed: int) -> torch.Tensor:
         if effect.apply is None:
             raise ValueError(f"{effect.name} is not a classic effect")
-        with torch.inference_mode():
+        with device_memory_guard(f"running {effect.name}"), torch.inference_mode():
             return effect.apply(image, params, seed)
 
     def download(self, image: torch.Tensor) -> np.ndarray:
         """(1, 4, h, w) float on the device → (h, w, 4) uint8 on the host: the one download."""
-        with torch.inference_mode():
+        with device_memory_guard("downloading the result"), torch.inference_mode():
             quantised = image[0].clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)  # one float copy
             return np.ascontiguousarray(quantised.permute(1, 2, 0).cpu().numpy())
+
+    def upload_guarded(self, pixels: np.ndarray) -> torch.Tensor:
+        """`upload`, with the device running out of memory answered as `OutOfMemory`."""
+        with device_memory_guard("uploading the photo"):
+            return self.upload(pixels)
+
+    def working_bytes(self, height: int, width: int, channels: int, max_size: int, *, mask: bool) -> int:
+        """The most device memory one request holds at once, from its sizes alone.
+
+        Effects run one after another, so this does not grow with their number: the 8-bit
+        upload, the float output image and the most one step needs next to them (a classic
+        effect's planes, or the background's foreground estimate), plus the mask's model input.
+        `WORKING_SET_FACTOR` is measured by `scripts/bench_memory.py` (docs/capacity.md).
+        """
+        out_h, out_w = output_size(height, width, max_size)
+        upload = height * width * channels
+        image = out_h * out_w * 4 * 4  # (1, 4, h, w) float32
+        total = upload + int(WORKING_SET_FACTOR * image)
+        if mask and self._cutout is not None:
+            side = int(self._cutout.base_size)
+            total += 3 * side * side * 4 * 2 + height * width * 3 * 4  # model input, float resize on CUDA
+        return total
+
+    def work_memory_bytes(self) -> int | None:
+        """Device memory requests' tensor work may hold at once (`MemoryBudget`'s capacity).
+
+        On CUDA: the device's memory less the resident weights of every loaded model and
+        `DEVICE_RESERVE_BYTES`. Elsewhere None (unbounded) unless `work_memory_limit` is set.
+        """
+        if self.work_memory_limit is not None:
+            return self.work_memory_limit
+        if self.device.type != "cuda":
+            return None
+        total = int(torch.cuda.get_device_properties(self.device).total_memory)
+        resident = sum(state.resident_bytes or 0 for state in self.states.values())
+        return max(0, total - resident - DEVICE_RESERVE_BYTES)
 
     # ----------------------------------------------------------------- the GPU queue
 
@@ -428,18 +486,15 @@ class Engine:
         spec = diffusion_spec(effect.name)
 
         def job() -> torch.Tensor:
-            source = image
-            height, width = spec.output_size(image.shape[-2], image.shape[-1])
-            if max(height, width) > max_size:
-                scale = max_size / max(height, width)
-                size = (max(1, int(image.shape[-2] * scale)), max(1, int(image.shape[-1] * scale)))
-                with torch.inference_mode():
-                    source = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
-            try:
+            with device_memory_guard(f"running {effect.name}"):
+                source = image
+                height, width = spec.output_size(image.shape[-2], image.shape[-1])
+                if max(height, width) > max_size:
+                    scale = max_size / max(height, width)
+                    size = (max(1, int(image.shape[-2] * scale)), max(1, int(image.shape[-1] * scale)))
+                    with torch.inference_mode():
+                        source = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
                 return run_diffusion(loaded, source, params, seed)
-            except torch.OutOfMemoryError as exc:
-                release_device_memory()
-                raise OutOfMemory(f"the GPU ran out of memory running {effect.name}; retry shortly") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._diffusion, job)
 
@@ -454,5 +509,24 @@ def output_size(height: int, width: int, max_size: int) -> tuple[int, int]:
 
 
 def release_device_memory() -> None:
+    gc.collect()  # tensors held by the failed frame's traceback go first
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+@contextmanager
+def device_memory_guard(doing: str) -> Iterator[None]:
+    """Answer the device running out of memory, anywhere in tensor work, as `OutOfMemory`.
+
+    The memory the failed step held is released before the error leaves (the traceback that
+    pins its tensors is dropped first), so the next request starts with a clean device.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        failed = True
+    else:
+        failed = False
+    if failed:  # outside the except block: its traceback (and the tensors its frames hold) is gone
+        release_device_memory()
+        raise OutOfMemory(f"the GPU ran out of memory {doing}; retry shortly")

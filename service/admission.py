@@ -40,7 +40,9 @@ import ctypes
 import ctypes.util
 import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -66,6 +68,13 @@ class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
 
 
+class ClientClosedRequest(CutoutError):
+    """Recorded (never seen by the client, who left): nginx's 499."""
+
+    status_code = 499
+    code = "client_closed_request"
+
+
 def is_processing(scope: Scope) -> bool:
     """Uploads that may run the model: every POST except the authenticated warm-up."""
     return bool(scope["method"] == "POST" and scope["path"] != WARMUP_PATH)
@@ -84,6 +93,7 @@ class Admission:
         self.refused_draining = 0
         self.deadlines_exceeded = 0
         self.cut_by_shutdown = 0
+        self.client_gone = 0
         self.completed = 0
         self.draining_since: float | None = None
 
@@ -178,13 +188,27 @@ class AdmissionMiddleware:
         answered = False
         body_read = False
         received = 0
+        client_gone = False
+        request_task = asyncio.current_task()
+        watcher: asyncio.Task[None] | None = None
+
+        async def watch_disconnect() -> None:
+            # The body has been read: the next message is the client hanging up (or the answer
+            # being complete). A client gone before its answer cancels the request's work.
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect" and not answered and request_task is not None:
+                client_gone = True
+                request_task.cancel()
 
         async def tracked_receive() -> Message:
-            nonlocal body_read, received
+            nonlocal body_read, received, watcher
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 body_read = body_read or not message.get("more_body", False)
+                if body_read and watcher is None:
+                    watcher = asyncio.create_task(watch_disconnect(), name="cutout-disconnect-watch")
             return message
 
         async def tracked_send(message: Message) -> None:
@@ -202,6 +226,14 @@ class AdmissionMiddleware:
             async with asyncio.timeout(self.admission.request_timeout_s) as deadline:
                 await self.app(scope, tracked_receive, tracked_send)
         except asyncio.CancelledError:
+            if client_gone and request_task is not None and request_task.uncancel() == 0:
+                # The work was cancelled and has ended. The answer goes nowhere (the server drops
+                # it), but the access log and the metrics record 499, not a failure of ours.
+                self.admission.client_gone += 1
+                log.info("client went away before its answer; its work was cancelled", extra={"path": scope["path"]})
+                gone = ClientClosedRequest("the client closed the connection before its answer")
+                await _refuse(scope, receive, send, gone, close=True)
+                return
             if not self.admission.draining or answered:
                 raise
             # uvicorn cancels what still runs when the shutdown grace ends, and would answer 500
@@ -224,6 +256,9 @@ class AdmissionMiddleware:
                 return
             detail = self.admission.deadline_detail(body_read=body_read, received=received)
             await _refuse(scope, receive, send, DeadlineExceeded(detail), close=not body_read)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
 
 
 class IdleMemoryRelease:
@@ -281,3 +316,71 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, error: CutoutError
         # The rest of the body is never read: the connection cannot carry another request.
         response.headers["Connection"] = "close"
     await response(scope, receive, send)
+
+
+class MemoryBudget:
+    """Device memory for requests' tensor work, admitted in bytes rather than in requests.
+
+    Each request reserves its working set (`Engine.working_bytes`: the upload, the output
+    image and one step's planes, independent of how many effects it asks for) before its
+    tensor work starts and returns it when that work ends. When the reservations would pass the
+    capacity, the request waits its turn (first come, first served) inside its deadline instead
+    of running the device out of memory. A request larger than the whole capacity runs alone.
+
+    `capacity` is read at every reservation (the resident weights are known only once the models
+    have loaded); None means unbounded (the CPU, where Cloud Run's memory limit and the request
+    count bound the host's RAM).
+    """
+
+    def __init__(self, capacity: Callable[[], int | None]) -> None:
+        self._capacity = capacity
+        self.reserved = 0
+        self.peak_reserved = 0
+        self.waited = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @asynccontextmanager
+    async def reserve(self, nbytes: int) -> AsyncIterator[int]:
+        capacity = self._capacity()
+        if capacity is not None:
+            nbytes = max(0, min(nbytes, capacity))
+        if capacity is not None and (self._waiters or self.reserved + nbytes > capacity):
+            granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append((nbytes, granted))
+            self.waited += 1
+            try:
+                await granted
+            except asyncio.CancelledError:
+                if granted.done() and not granted.cancelled():
+                    self._release(nbytes)  # granted in the same instant the request was cancelled
+                else:
+                    self._waiters = deque(entry for entry in self._waiters if entry[1] is not granted)
+                    self._grant()
+                raise
+        else:
+            self._take(nbytes)
+        try:
+            yield nbytes
+        finally:
+            self._release(nbytes)
+
+    def _take(self, nbytes: int) -> None:
+        self.reserved += nbytes
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def _release(self, nbytes: int) -> None:
+        self.reserved -= nbytes
+        self._grant()
+
+    def _grant(self) -> None:
+        capacity = self._capacity()
+        while self._waiters:
+            nbytes, granted = self._waiters[0]
+            if granted.done():  # cancelled while waiting
+                self._waiters.popleft()
+                continue
+            if capacity is not None and self.reserved > 0 and self.reserved + nbytes > capacity:
+                return
+            self._waiters.popleft()
+            self._take(nbytes)
+            granted.set_result(None)

@@ -16,7 +16,7 @@ from cache.store import LocalStore, ResultStore
 from effects.engine import Engine
 from service import operations
 from service.admission import Admission, AdmissionMiddleware, IdleMemoryRelease
-from service.errors import install_error_handlers
+from service.errors import CatchAllMiddleware, install_error_handlers
 from service.flow import Flow
 from service.routes import compat, meta, process, results
 from service.settings import Settings, get_settings
@@ -110,13 +110,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Outside the upload guard, inside the rate limit: refusals come before the body is read.
     app.add_middleware(AdmissionMiddleware, admission=admission)
     operations.install(app, settings)  # rate limits, access log, tracing, /warmup, /metrics
+    # Just inside CORS: a bug anywhere inside is answered as JSON that CORS then wraps.
+    app.add_middleware(CatchAllMiddleware)
     # Added last, so it wraps everything: every answer, errors included, carries CORS headers.
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["*"],
-        expose_headers=["X-Cache", "ETag", "Content-Location", "Retry-After"],
+        expose_headers=["X-Cache", "ETag", "Content-Location", "Retry-After", "X-Request-Id"],
         max_age=600,
     )
     return app

@@ -1,17 +1,24 @@
 """One family of domain errors, mapped to HTTP answers in one place.
 
 Every error answer is `{"detail": "...", "code": "..."}`; CORS headers are added by the
-CORS middleware, which wraps these handlers.
+CORS middleware, which wraps these handlers. A genuine bug is answered by `CatchAllMiddleware`,
+just inside CORS (Starlette's own catch-all, `ServerErrorMiddleware`, sits outside every user
+middleware, so its 500 would reach a browser without CORS headers as an opaque network error):
+`500 internal_error` with a `request_id`, also sent as `X-Request-Id` and logged with the
+traceback, so a customer's report finds the log line.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger("cutout.errors")
 
@@ -159,6 +166,55 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        # A 500 is a bug: log it with its traceback, answer without internals.
-        log.exception("unhandled error", exc_info=exc)
-        return error_response(500, "internal_error", "internal error; it has been logged")
+        # The last resort (outside CORS): CatchAllMiddleware answers bugs before they get here.
+        return internal_error_response(exc)
+
+
+def request_id() -> str:
+    """The id a bug's answer and its log line share: the request's trace id, or a fresh one."""
+    span_context = trace.get_current_span().get_span_context()
+    if span_context.is_valid:
+        return f"{span_context.trace_id:032x}"
+    return uuid.uuid4().hex
+
+
+def internal_error_response(exc: BaseException) -> JSONResponse:
+    """A bug's answer: logged with its traceback and a request id the client is given too."""
+    rid = request_id()
+    log.error("unhandled error", exc_info=exc, extra={"request_id": rid})
+    response = JSONResponse(
+        {"detail": f"internal error; it has been logged as request {rid}", "code": "internal_error", "request_id": rid},
+        status_code=500,
+        headers={"X-Request-Id": rid},
+    )
+    return response
+
+
+class CatchAllMiddleware:
+    """Answers a bug inside it as JSON 500; add it just before CORS so CORS wraps the answer.
+
+    Once an answer has started nothing can replace it: the exception goes on, and the server
+    closes the connection (a cut answer, never a wrong one).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except Exception as exc:
+            if started:
+                raise
+            await internal_error_response(exc)(scope, receive, send)

@@ -2,19 +2,30 @@
 
 Routes parse the form into a `Recipe`-ready `ProcessRequest` and call `process`. Blocking
 work (hashing, decoding, tensor work, encoding, storage I/O) runs in worker threads, never on
-the event loop. A failure of the store never fails a request: the result is served uncached
-and the outcome is reported as `bypass`.
+the event loop. A failure of the store never fails a request: the result is served uncached,
+the outcome is reported as `bypass`, and its `url` is a `data:` URL carrying the bytes, so every
+URL in an answer fetches the picture it describes.
+
+A request is one unit. Its effects run one after another on one working set (the device memory
+it reserves from `MemoryBudget` does not grow with their number), each result's encode and store
+overlapping the next effect; all of it runs in one task group, so when any part fails, or the
+client goes away, or the deadline passes, the rest is cancelled, and a worker thread already
+running is waited for: nothing of the request runs or is written after its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
+import contextvars
 import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -26,9 +37,11 @@ from cache.store import ResultStore, image_info
 from effects import EFFECTS
 from effects.background import Background
 from effects.base import Effect, EffectParams
-from effects.engine import CUTOUT, Engine, ModelMissing, ModelNotReady, OutOfMemory
+from effects.engine import CUTOUT, Engine, ModelMissing, ModelNotReady, OutOfMemory, release_device_memory
 from service import imaging
+from service.admission import MemoryBudget
 from service.errors import (
+    CutoutError,
     GpuOutOfMemory,
     ImageNotCached,
     InvalidParameter,
@@ -43,6 +56,12 @@ log = logging.getLogger("cutout.flow")
 
 CacheOutcome = Literal["hit", "miss", "bypass"]
 MAX_SEED = 2**32 - 1
+# `params` is a few small objects; far more is a mistake or an attack, refused before parsing.
+MAX_PARAMS_CHARS = 16_384
+MAX_PARAMS_DEPTH = 8
+# How much of a client's own text an error detail repeats.
+ECHO_CHARS = 120
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,9 +86,28 @@ class EffectResult:
     size: int
     data: bytes | None = None
 
+    @property
+    def stored(self) -> bool:
+        """The result is in the store, so its store URL serves it (a write that failed: not)."""
+        return self.cache != "bypass"
+
+    @property
+    def location(self) -> str | None:
+        """The store URL for a header such as Content-Location, only when it serves the result."""
+        return self.url if self.stored else None
+
+    def public_url(self) -> str:
+        """A URL that fetches this result: the store's, or a `data:` URL with the bytes when it was not stored."""
+        if self.stored:
+            return self.url
+        if self.data is None:  # a computed result always carries its bytes
+            raise RuntimeError(f"result {self.effect} was not stored and has no bytes to carry")
+        return f"data:{self.content_type};base64,{base64.b64encode(self.data).decode('ascii')}"
+
     def describe(self) -> dict[str, Any]:
         return {
-            "url": self.url,
+            "url": self.public_url(),
+            "stored": self.stored,
             "key": self.key,
             "cache": self.cache,
             "width": self.width,
@@ -105,7 +143,7 @@ def parse_request(
         raise InvalidParameter(f"effects is empty; name one or more of: {', '.join(EFFECTS)}")
     unknown = [name for name in names if name not in EFFECTS]
     if unknown:
-        raise UnknownEffect(f"unknown effect {', '.join(unknown)}; valid effects are: {', '.join(EFFECTS)}")
+        raise UnknownEffect(f"unknown effect {clip(', '.join(unknown))}; valid effects are: {', '.join(EFFECTS)}")
     try:
         parsed_background = Background.parse(background)
     except ValueError as exc:
@@ -139,19 +177,62 @@ def parse_request(
     )
 
 
+def clip(text: str, limit: int = ECHO_CHARS) -> str:
+    """A client's text as an error detail repeats it: at most `limit` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def load_params_json(raw: str) -> Any:
+    """`params` parsed, or the 400 that says what is wrong with it, whatever the client sent.
+
+    Beyond syntax errors: text too long, nesting too deep (which would exhaust the parser's
+    recursion), integers past Python's digit limit, NaN and Infinity.
+    """
+    if len(raw) > MAX_PARAMS_CHARS:
+        raise InvalidParameter(f"params is {len(raw)} characters long; the limit is {MAX_PARAMS_CHARS}")
+    try:
+        given = json.loads(raw, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameter(f"params is not valid JSON ({exc.msg} at position {exc.pos})") from exc
+    except RecursionError as exc:
+        raise InvalidParameter(f"params is nested too deeply; at most {MAX_PARAMS_DEPTH} levels") from exc
+    except ValueError as exc:  # an integer past the digit limit, NaN, Infinity
+        raise InvalidParameter(f"params holds a value it cannot: {clip(str(exc))}") from exc
+    if _depth(given) > MAX_PARAMS_DEPTH:
+        raise InvalidParameter(f"params is nested too deeply; at most {MAX_PARAMS_DEPTH} levels")
+    return given
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_PARAMS_DEPTH:
+            break
+        if isinstance(item, dict):
+            pending.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            pending.extend((child, depth + 1) for child in item)
+    return deepest
+
+
 def parse_params(raw: str | None, names: tuple[str, ...]) -> dict[str, EffectParams]:
     given: Any = {}
     if raw is not None and raw.strip():
-        try:
-            given = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise InvalidParameter(f"params is not valid JSON ({exc.msg} at position {exc.pos})") from exc
+        given = load_params_json(raw)
     if not isinstance(given, dict):
         raise InvalidParameter('params must be a JSON object like {"blackwhite": {"grain": 0.3}}')
     stray = [name for name in given if name not in names]
     if stray:
         raise InvalidParameter(
-            f"params given for {', '.join(map(str, stray))}, which the request does not ask for; "
+            f"params given for {clip(', '.join(map(str, stray)))}, which the request does not ask for; "
             f"requested effects: {', '.join(names)}"
         )
     validated: dict[str, EffectParams] = {}
@@ -163,8 +244,8 @@ def parse_params(raw: str | None, names: tuple[str, ...]) -> dict[str, EffectPar
             validated[name] = EFFECTS[name].params.model_validate(values)
         except ValidationError as exc:
             problems = "; ".join(
-                f"params.{name}.{'.'.join(str(p) for p in error['loc']) or name}: {error['msg']}"
-                for error in exc.errors()
+                f"params.{name}.{clip('.'.join(str(p) for p in error['loc']) or name)}: {clip(error['msg'])}"
+                for error in exc.errors()[:5]
             )
             raise InvalidParameter(problems) from exc
     return validated
@@ -189,6 +270,7 @@ class Flow:
         self.settings = settings
         self.cache_counts: dict[CacheOutcome, int] = {"hit": 0, "miss": 0, "bypass": 0}
         self.store_errors = 0
+        self.memory = MemoryBudget(engine.work_memory_bytes)
 
     def recipe(self, image_hash: str, name: str, request: ProcessRequest) -> Recipe | None:
         """The recipe of one result, or None when a model it needs has no weights (so no id)."""
@@ -303,47 +385,66 @@ class Flow:
     async def _compute(
         self, upload: bytes, image_hash: str, request: ProcessRequest, names: list[str], timings: dict[str, float]
     ) -> dict[str, EffectResult]:
-        engine = self.engine
         clock = time.perf_counter()
         with stage("decode", bytes=len(upload)) as span:
-            decoded = await asyncio.to_thread(imaging.decode, upload, self.settings.max_pixels)
-            span.set_attribute("cutout.pixels", int(decoded.pixels.shape[0] * decoded.pixels.shape[1]))
-            image = await asyncio.to_thread(engine.upload, decoded.pixels)
+            decoded = await run_thread(imaging.decode, upload, self.settings.max_pixels)
+            height, width, channels = decoded.pixels.shape
+            span.set_attribute("cutout.pixels", int(height * width))
         timings["decode"] = _ms_since(clock)
+        needed = self.engine.working_bytes(
+            height, width, channels, request.max_size, mask=request.background.needs_mask
+        )
+        try:
+            try:
+                async with self.memory.reserve(needed):
+                    clock = time.perf_counter()
+                    # Handed over in a list the callee empties, so no frame keeps the upload alive
+                    # once the background step has made the output-size image from it.
+                    handoff = [await run_thread(self.engine.upload_guarded, decoded.pixels)]
+                    del decoded  # the host copy goes as soon as the device has its own
+                    timings["decode"] = round(timings["decode"] + _ms_since(clock), 2)
+                    return await self._compute_on_device(handoff, image_hash, request, names, timings)
+            except BaseExceptionGroup as group:
+                raise _first_error(group) from None
+        except OutOfMemory as exc:
+            raise GpuOutOfMemory(str(exc), retry_after=5) from exc
+        except torch.OutOfMemoryError as exc:  # a step no guard covers: still answered, still freed
+            release_device_memory()
+            raise GpuOutOfMemory("the GPU ran out of memory; retry shortly", retry_after=5) from exc
 
+    async def _compute_on_device(
+        self,
+        handoff: list[torch.Tensor],
+        image_hash: str,
+        request: ProcessRequest,
+        names: list[str],
+        timings: dict[str, float],
+    ) -> dict[str, EffectResult]:
+        engine = self.engine
+        image = handoff.pop()
         clock = time.perf_counter()
-        mask_store: asyncio.Task[CacheOutcome] | None = None
         mask = None
+        mask_write: tuple[str, bytes] | None = None
         if request.background.needs_mask:
             with stage("mask") as span:  # GPU time comes from its share of the mask batch
-                mask, mask_store = await self._mask(image_hash, image)
-                span.set_attribute("cutout.cache", "hit" if mask_store is None else "miss")
+                mask, mask_write = await self._mask(image_hash, image)
+                span.set_attribute("cutout.cache", "hit" if mask_write is None else "miss")
         timings["mask"] = _ms_since(clock)
 
         clock = time.perf_counter()
         with stage("background", gpu=True, background=request.background.canonical()):
-            base = await asyncio.to_thread(engine.render_background, image, mask, request.background, request.max_size)
-        del image
+            base = await run_thread(engine.render_background, image, mask, request.background, request.max_size)
+        del image, mask
         timings["background"] = _ms_since(clock)
 
         effect_ms: list[float] = []
         encode_ms: list[float] = []
         store_ms: list[float] = []
 
-        async def one(name: str) -> EffectResult:
-            effect = EFFECTS[name]
-            clock = time.perf_counter()
-            with stage("effect", gpu=True, effect=name, kind=effect.kind):
-                try:
-                    rendered = await self._apply(effect, base, request)
-                except OutOfMemory as exc:
-                    raise GpuOutOfMemory(str(exc), retry_after=5) from exc
-                pixels = await asyncio.to_thread(engine.download, rendered)
-            del rendered
-            effect_ms.append(_ms_since(clock))
+        async def finish(name: str, pixels: np.ndarray) -> EffectResult:
             clock = time.perf_counter()
             with stage("encode", format=request.format) as span:
-                data = await asyncio.to_thread(imaging.encode, pixels, request.format, self.settings.png_compress_level)
+                data = await run_thread(imaging.encode, pixels, request.format, self.settings.png_compress_level)
                 span.set_attribute("cutout.bytes", len(data))
             encode_ms.append(_ms_since(clock))
             key = self.result_key(image_hash, name, request)
@@ -369,26 +470,37 @@ class Flow:
                 data=data,
             )
 
-        computed = await asyncio.gather(*(one(name) for name in names))
-        if mask_store is not None:
-            await mask_store
+        finishing: dict[str, asyncio.Task[EffectResult]] = {}
+        async with asyncio.TaskGroup() as group:
+            if mask_write is not None:
+                group.create_task(self._store(*mask_write, "image/png"))
+            # One effect at a time on the one working set; its encode and store overlap the next.
+            for name in names:
+                effect = EFFECTS[name]
+                clock = time.perf_counter()
+                with stage("effect", gpu=True, effect=name, kind=effect.kind):
+                    rendered = await self._apply(effect, base, request)
+                    host = await run_thread(engine.download, rendered)
+                del rendered
+                effect_ms.append(_ms_since(clock))
+                finishing[name] = group.create_task(finish(name, host))
+                del host
+            del base  # the device's share of the request ends here; encodes and stores may still run
         timings["effects"] = round(sum(effect_ms), 2)
         timings["encode"] = round(sum(encode_ms), 2)
         timings["store"] = round(sum(store_ms), 2)
-        return {result.effect: result for result in computed}
+        return {name: task.result() for name, task in finishing.items()}
 
     async def _apply(self, effect: Effect, image: torch.Tensor, request: ProcessRequest) -> torch.Tensor:
         params = request.params[effect.name]
         if effect.kind == "classic":
-            return await asyncio.to_thread(self.engine.apply_classic, effect, image, params, request.seed)
+            return await run_thread(self.engine.apply_classic, effect, image, params, request.seed)
         if effect.kind == "diffusion":
             return await self.engine.diffuse(effect, image, params, request.seed, request.max_size)
         return image  # cutout: the background step did the work
 
-    async def _mask(
-        self, image_hash: str, image: torch.Tensor
-    ) -> tuple[torch.Tensor, asyncio.Task[CacheOutcome] | None]:
-        """The subject mask: from the mask cache, or from the model (then cached)."""
+    async def _mask(self, image_hash: str, image: torch.Tensor) -> tuple[torch.Tensor, tuple[str, bytes] | None]:
+        """The subject mask: from the mask cache, or from the model (then the write to cache it)."""
         from effects.inspyrenet import dequantise_mask, quantise_mask
 
         model_id = self.engine.model_id(CUTOUT)
@@ -405,21 +517,20 @@ class Flow:
             if quantised is not None:
                 mask = dequantise_mask(quantised.to(self.engine.device))
                 return mask, None
-        model_input = await asyncio.to_thread(self.engine.prepare_mask_input, image)
+        model_input = await run_thread(self.engine.prepare_mask_input, image)
         try:
             mask = await self.engine.mask(model_input)
-        except OutOfMemory as exc:
-            raise GpuOutOfMemory(str(exc), retry_after=5) from exc
         except ModelMissing as exc:
             raise ModelUnavailable(str(exc), retry_after=60) from exc
-        data = await asyncio.to_thread(_encode_mask, quantise_mask(mask))
-        return mask, asyncio.create_task(self._store(name, data, "image/png"))
+        del model_input
+        data = await run_thread(_encode_mask, quantise_mask(mask))
+        return mask, (name, data)
 
     async def _store(
         self, name: str, data: bytes, content_type: str, metadata: dict[str, str] | None = None
     ) -> CacheOutcome:
         try:
-            await asyncio.to_thread(self.store.put, name, data, content_type, metadata)
+            await run_thread(self.store.put, name, data, content_type, metadata)
         except Exception as exc:
             self._store_failed("write", name, exc)
             return "bypass"
@@ -435,6 +546,54 @@ class Flow:
         for result in results:
             self.cache_counts[result.cache] += 1
         note_results(results)
+
+
+async def run_thread(function: Callable[..., T], *args: Any) -> T:
+    """`asyncio.to_thread`, except that a cancelled call never leaves its thread running.
+
+    A call not yet started is dropped. One already running cannot be interrupted, so the
+    cancelled caller waits for it to end before the cancellation goes on: the request's work
+    (and the admission place it holds) ends with its answer, and no write lands after it.
+    """
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    future: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(context.run(function, *args))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    loop.run_in_executor(None, run)
+    waiter = asyncio.wrap_future(future)
+    try:
+        return await asyncio.shield(waiter)
+    except asyncio.CancelledError:
+        if not future.cancel():  # running: it ends before the cancellation goes on
+            await asyncio.wait([waiter])
+            if not waiter.cancelled():
+                waiter.exception()  # retrieved: the caller is gone, its outcome is moot
+        raise
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error a failed task group is answered with: the first one the service means to answer."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        error = pending.pop(0)
+        if isinstance(error, BaseExceptionGroup):
+            pending[:0] = list(error.exceptions)
+        else:
+            leaves.append(error)
+    for kind in (CutoutError, OutOfMemory, torch.OutOfMemoryError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
 
 
 def _ms_since(started: float) -> float:

@@ -84,12 +84,21 @@ def decode(data: bytes, max_pixels: int) -> DecodedImage:
             )
         opened.seek(0)  # animations: the first frame
         opened.load()
+        if opened.size[0] * opened.size[1] > max_pixels:  # the codec disagreed with the header
+            raise ImageTooLarge(
+                f"the image decodes to {opened.size[0]}x{opened.size[1]} pixels although its header says "
+                f"{width}x{height}; the limit is {max_pixels}"
+            )
         pixels = _to_8bit_array(_apply_orientation(opened))
     except (ImageTooLarge, UnsupportedImage):
         raise
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"the image has too many pixels to decode safely: {exc}") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError) as exc:
+    except MemoryError as exc:  # a decoder asked for more than the header promised
+        raise ImageTooLarge(f"the {image_format} file needs more memory to decode than its size allows") from exc
+    # RuntimeError: libheif's own refusals (a codec stream larger than its container says, its
+    # security limits), raised from inside `load()`.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, RuntimeError) as exc:
         raise UnsupportedImage(
             f"the {image_format} file could not be decoded ({exc.__class__.__name__}: {exc}); "
             "it may be truncated or corrupt"

@@ -102,17 +102,15 @@ async def process_with_effects(
     if not return_all_effects:
         old, current = pairs[0]
         result = outcome.results[current]
-        return Response(
-            content=result.data,
-            media_type=result.content_type,
-            headers={
-                "X-Cache": result.cache.upper(),
-                "X-Effect": old,
-                "ETag": f'"{result.key}"',
-                "Content-Location": result.url,
-                "Cache-Control": IMMUTABLE_CACHE_CONTROL,
-            },
-        )
+        headers = {
+            "X-Cache": result.cache.upper(),
+            "X-Effect": old,
+            "ETag": f'"{result.key}"',
+            "Cache-Control": IMMUTABLE_CACHE_CONTROL,
+        }
+        if result.location is not None:  # a result the store could not keep has no URL but this answer
+            headers["Content-Location"] = result.location
+        return Response(content=result.data, media_type=result.content_type, headers=headers)
     encoded = await asyncio.to_thread(_encode_all, outcome, pairs)
     return {
         "success": True,
@@ -126,7 +124,7 @@ async def process_with_effects(
                     "effect": current,
                     "cache": outcome.results[current].cache,
                     "key": outcome.results[current].key,
-                    "url": outcome.results[current].url,
+                    "url": outcome.results[current].public_url(),
                 }
                 for old, current in pairs
             },

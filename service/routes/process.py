@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from cache.store import IMMUTABLE_CACHE_CONTROL
 from service.deps import FlowDep, SettingsDep
 from service.errors import InvalidParameter, MalformedRequest, UploadTooLarge
-from service.flow import ProcessRequest, parse_image_sha256, parse_request
+from service.flow import ProcessRequest, load_params_json, parse_image_sha256, parse_request
 from service.upload import too_large_detail
 
 router = APIRouter(tags=["processing"])
@@ -130,25 +130,19 @@ async def apply_effect(
         raise InvalidParameter("this route applies exactly one effect; use POST /v1/process for several")
     outcome = await _run(flow, settings, request, image, image_sha256, want_bytes=True)
     result = outcome.results[request.effects[0]]
-    return Response(
-        content=result.data,
-        media_type=result.content_type,
-        headers={
-            "X-Cache": result.cache.upper(),
-            "ETag": f'"{result.key}"',
-            "Content-Location": result.url,
-            "Cache-Control": IMMUTABLE_CACHE_CONTROL,
-        },
-    )
+    headers = {"X-Cache": result.cache.upper(), "ETag": f'"{result.key}"', "Cache-Control": IMMUTABLE_CACHE_CONTROL}
+    if result.location is not None:  # a result the store could not keep has no URL but this answer
+        headers["Content-Location"] = result.location
+    return Response(content=result.data, media_type=result.content_type, headers=headers)
 
 
 def _wrap_params(effect: str, params: str) -> str:
     """`params` as on /v1/process ({"<effect>": {...}}), or that effect's parameters alone."""
     name = effect.strip().lower()
     try:
-        given = json.loads(params) if params.strip() else {}
-    except json.JSONDecodeError:
-        return params  # parse_params explains the JSON error
+        given = load_params_json(params) if params.strip() else {}
+    except InvalidParameter:
+        return params  # parse_params explains what is wrong with it
     if isinstance(given, dict) and set(given) <= {name} and all(isinstance(v, dict) for v in given.values()):
         return params
     return json.dumps({name: given})
