@@ -8,8 +8,10 @@ request), no partial object in the store, and the service still healthy.
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -17,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from PIL import Image
 
 from scripts.loadtest import big_jpeg
 from service.app import create_app
@@ -39,16 +43,101 @@ CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
 # ------------------------------------------------------------------------ helpers
 
 
+@dataclass
+class FaultRecord:
+    statuses: list[int] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
+
+
+# Every fault of this module: the statuses its requests saw, every URL of every 200 fetched, and
+# any answer whose picture could not be fetched. Printed as a table at the end (run with -s).
+FAULTS: dict[str, FaultRecord] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fault_table() -> Iterator[None]:
+    yield
+    lines = ["", f"{'fault':<44} {'statuses':<28} {'URLs fetched':>12}  lost", "-" * 96]
+    for name, record in FAULTS.items():
+        seen = ", ".join(f"{status}x{record.statuses.count(status)}" for status in sorted(set(record.statuses)))
+        kinds = sorted({url.split(":", 1)[0] for url in record.urls})
+        fetched = f"{len(record.urls)} ({'/'.join(kinds)})" if record.urls else "0"
+        lines.append(f"{name:<44} {seen:<28} {fetched:>12}  {len(record.lost)}")
+    print("\n".join(lines))
+
+
+def fetch_url(client: TestClient | httpx.Client, url: str) -> tuple[int, bytes]:
+    """What a browser gets for a URL of an answer: a data: URL carries its bytes, any other is fetched."""
+    if url.startswith("data:"):
+        header, _, payload = url.partition(",")
+        assert header.endswith(";base64"), header
+        return 200, base64.b64decode(payload, validate=True)
+    return (answer := client.get(url)).status_code, answer.content
+
+
+def follow(
+    fault: str, client: TestClient | httpx.Client, response: Any, expected: dict[str, bytes] | None = None
+) -> Any:
+    """Record an answer under `fault`; for a 200, fetch every URL it holds and check the bytes.
+
+    A /v1/process answer: each result's `url` fetches an image of the declared type, size and
+    byte count (and the expected bytes when known). A /v1/effects answer: its Content-Location,
+    when present, fetches the body's bytes. Anything else is a lost picture: the test fails.
+    """
+    record = FAULTS.setdefault(fault, FaultRecord())
+    record.statuses.append(response.status_code)
+    if response.status_code != 200:
+        return response
+    if response.headers["content-type"].startswith("application/json"):
+        for name, result in response.json()["results"].items():
+            status, data = fetch_url(client, result["url"])
+            record.urls.append(result["url"][:60])
+            ok = status == 200 and len(data) == result["bytes"]
+            ok = ok and (expected is None or name not in expected or data == expected[name])
+            if ok:
+                with Image.open(io.BytesIO(data)) as image:
+                    ok = image.size == (result["width"], result["height"])
+                    ok = ok and Image.MIME[image.format] == result["content_type"]
+            ok = ok and result["stored"] == (not result["url"].startswith("data:"))
+            if not ok:
+                record.lost.append(f"{name}: {result['url'][:80]} → {status}")
+    else:
+        location = response.headers.get("content-location")
+        if location is not None:
+            status, data = fetch_url(client, location)
+            record.urls.append(location[:60])
+            if status != 200 or data != response.content:
+                record.lost.append(f"{location} → {status}")
+        else:
+            assert response.headers["x-cache"] == "BYPASS", "only a result the store could not keep has no URL"
+    assert not record.lost, f"{fault}: answers whose picture cannot be fetched: {record.lost}"
+    return response
+
+
+def current_fault() -> str:
+    """The running test's name: the fault its answers are recorded under."""
+    return os.environ.get("PYTEST_CURRENT_TEST", "unknown").split("::")[-1].split(" ")[0].removeprefix("test_")
+
+
+def note(status: int) -> None:
+    """Record a status seen on a raw socket (no URL to follow: only 200s carry them)."""
+    assert status != 200, "a 200 is recorded through follow(), which fetches its URLs"
+    FAULTS.setdefault(current_fault(), FaultRecord()).statuses.append(status)
+
+
 def post_effect(client: TestClient | httpx.Client, upload: bytes, effect: str, **fields: str) -> Any:
-    return client.post(
+    response = client.post(
         f"/v1/effects/{effect}",
         data={"background": "none", **fields},
         files={"image": ("photo.jpg", upload, "image/jpeg")},
     )
+    return follow(current_fault(), client, response)
 
 
 def post_process(client: TestClient | httpx.Client, upload: bytes, **fields: str) -> Any:
-    return client.post("/v1/process", data=fields, files={"image": ("photo.jpg", upload, "image/jpeg")})
+    response = client.post("/v1/process", data=fields, files={"image": ("photo.jpg", upload, "image/jpeg")})
+    return follow(current_fault(), client, response)
 
 
 def assert_store_clean(cache_dir: Path) -> int:
@@ -111,21 +200,28 @@ def test_a_store_failing_mid_request_serves_right_bytes_and_leaves_no_partial_ob
     monkeypatch.setattr(os, "fsync", filling_disk)
     several = post_process(client, upload, effects=",".join(CLASSIC), background="none")
     assert several.status_code == 200, several.text
-    outcomes = {name: result["cache"] for name, result in several.json()["results"].items()}
+    results = several.json()["results"]
+    outcomes = {name: result["cache"] for name, result in results.items()}
     assert set(outcomes) == set(CLASSIC)
     assert "bypass" in outcomes.values(), outcomes
     assert set(outcomes.values()) <= {"miss", "bypass"}
     for name, outcome in outcomes.items():
-        fetched = client.get(several.json()["results"][name]["url"])
+        url = results[name]["url"]
+        assert fetch_url(client, url) == (200, expected[name]), f"{name}: the answer's URL gives the right bytes"
         if outcome == "miss":
-            assert fetched.status_code == 200 and fetched.content == expected[name]
+            assert results[name]["stored"] and url.startswith("http://testserver/v1/results/")
         else:
-            assert fetched.status_code == 404, "a result whose write failed is absent, never partial"
+            # Not stored: the answer carries the picture itself, and the store URL it would have
+            # had serves nothing (absent, never partial).
+            assert not results[name]["stored"] and url.startswith("data:image/png;base64,")
+            stored_url = f"http://testserver/v1/results/{results[name]['key']}.png"
+            assert client.get(stored_url).status_code == 404, "a result whose write failed is absent, never partial"
     for effect in CLASSIC:
         answer = post_effect(client, upload, effect)
         assert answer.status_code == 200, answer.text
         assert answer.content == expected[effect], f"{effect}: wrong bytes while the store fails"
         assert answer.headers["x-cache"] in ("HIT", "BYPASS")
+        assert ("content-location" in answer.headers) == (answer.headers["x-cache"] == "HIT")
     assert client.app.state.flow.store_errors >= 1  # type: ignore[attr-defined]
     assert_store_clean(cache_dir)
 
@@ -373,6 +469,159 @@ def test_the_deadline_cancels_work_still_queued(model_app: TestClient, monkeypat
     assert cutout_request(model_app, uploads[1])().content == answer.content
 
 
+def out_of_memory(*_: Any, **__: Any) -> Any:
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+
+ORIGIN = {"Origin": "https://shop.example"}
+
+
+@pytest.mark.parametrize(
+    "step",
+    ["upload", "mask input", "background", "classic effect", "download", "mask encode (no guard of its own)"],
+)
+def test_out_of_memory_at_every_step_answers_503_and_frees_the_device(
+    model_app: TestClient, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    import dataclasses
+
+    import effects.engine as engine_module
+    import service.flow as flow_module
+    from effects import EFFECTS
+
+    cache_dir = empty_store(model_app)
+    engine = model_app.app.state.engine  # type: ignore[attr-defined]
+    flow = model_app.app.state.flow  # type: ignore[attr-defined]
+    admission = model_app.app.state.admission  # type: ignore[attr-defined]
+    upload = images.jpeg(160, 120, seed=40 + len(step))
+    fields = {"background": "white"}
+    released: list[int] = []
+    real_release = engine_module.release_device_memory
+
+    def counting_release() -> None:
+        released.append(1)
+        real_release()
+
+    monkeypatch.setattr(engine_module, "release_device_memory", counting_release)
+    monkeypatch.setattr(flow_module, "release_device_memory", counting_release)
+    with monkeypatch.context() as fault:
+        if step == "upload":
+            fault.setattr(engine, "upload", out_of_memory)
+        elif step == "mask input":
+            fault.setattr(engine._cutout, "prepare", out_of_memory)
+        elif step == "background":
+            fault.setattr(engine_module, "compose", out_of_memory)
+        elif step == "classic effect":
+            fault.setitem(EFFECTS, "popart", dataclasses.replace(EFFECTS["popart"], apply=out_of_memory))
+        elif step == "download":
+            fields = {"background": "none"}  # no mask: the first tensor to leave the device is the result
+            fault.setattr(torch.Tensor, "cpu", out_of_memory)
+        else:
+            fault.setattr(flow_module, "_encode_mask", out_of_memory)
+        answer = model_app.post(
+            "/v1/effects/popart", data=fields, files={"image": ("p.jpg", upload, "image/jpeg")}, headers=ORIGIN
+        )
+    follow(f"out_of_memory: {step}", model_app, answer)
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["code"] == "out_of_memory"
+    assert int(answer.headers["retry-after"]) > 0
+    assert answer.headers["access-control-allow-origin"] == "https://shop.example"
+    assert released, "the device memory was released"
+    assert flow.memory.reserved == 0 and admission.in_flight == 0
+    assert_store_clean(cache_dir)  # the mask may be stored (written before the answer); no result is
+    assert not list((cache_dir / "results").glob("*.png"))
+
+    again = follow(f"out_of_memory: {step}", model_app, post_effect(model_app, upload, "popart", **fields))
+    assert again.status_code == 200, again.text
+    empty_store(model_app)
+    clean = post_effect(model_app, upload, "popart", **fields)
+    assert again.content == clean.content
+
+
+def test_a_failed_effect_cancels_the_rest_and_nothing_is_written_after_the_answer(
+    client_factory: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses
+
+    from effects import EFFECTS
+
+    cache_dir = tmp_path / "cache"
+    client = client_factory(cache_dir=cache_dir)
+    upload = images.jpeg(320, 240, seed=50)
+    ran: list[str] = []
+    originals = dict(EFFECTS)
+
+    def spy(name: str) -> Any:
+        real = originals[name].apply
+        assert real is not None
+
+        def apply(image: torch.Tensor, params: Any, seed: int) -> torch.Tensor:
+            ran.append(name)
+            return real(image, params, seed)
+
+        return apply
+
+    def failing(kind: str) -> Any:
+        def apply(*_: Any) -> Any:
+            ran.append("dithering")
+            if kind == "oom":
+                out_of_memory()
+            raise ValueError("a bug in an effect")
+
+        return apply
+
+    for kind, status in (("oom", 503), ("bug", 500)):
+        for name, apply in (("popart", spy("popart")), ("retro8bit", spy("retro8bit")), ("dithering", failing(kind))):
+            monkeypatch.setitem(EFFECTS, name, dataclasses.replace(originals[name], apply=apply))
+        ran.clear()
+        answer = client.post(
+            "/v1/process",
+            data={"effects": "popart,dithering,retro8bit", "background": "none", "seed": str(status)},
+            files={"image": ("p.jpg", upload, "image/jpeg")},
+            headers=ORIGIN,
+        )
+        follow(f"failed effect ({kind})", client, answer)
+        assert answer.status_code == status, answer.text
+        assert answer.headers["access-control-allow-origin"] == "https://shop.example"
+        assert ran == ["popart", "dithering"], f"effects run one after another, none after the failure: {ran}"
+        at_answer = sorted(path.name for path in cache_dir.rglob("*") if path.is_file())
+        time.sleep(1.0)
+        after = sorted(path.name for path in cache_dir.rglob("*") if path.is_file())
+        assert after == at_answer, "nothing is written after the answer"
+        assert_store_clean(cache_dir)
+        assert client.app.state.admission.in_flight == 0  # type: ignore[attr-defined]
+        assert client.app.state.flow.memory.reserved == 0  # type: ignore[attr-defined]
+        if kind == "bug":
+            body = answer.json()
+            assert body["code"] == "internal_error" and len(body["request_id"]) == 32
+            assert answer.headers["x-request-id"] == body["request_id"]
+    monkeypatch.undo()
+    fine = post_process(client, upload, effects="popart,dithering,retro8bit", background="none")
+    assert fine.status_code == 200
+
+
+def test_the_device_memory_budget_queues_work_instead_of_running_out(
+    client_factory: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """Two requests whose working sets together pass the budget run one after the other."""
+    client = client_factory(cache_dir=tmp_path / "cache")
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    flow = client.app.state.flow  # type: ignore[attr-defined]
+    uploads = [images.jpeg(640, 480, seed=seed) for seed in (60, 61)]
+    one = engine.working_bytes(480, 640, 3, 2048, mask=False)
+    engine.work_memory_limit = int(one * 1.5)  # room for one request, not two
+    answers = concurrently(
+        [
+            lambda upload=upload: post_process(client, upload, effects=",".join(CLASSIC), background="none")  # type: ignore[misc]
+            for upload in uploads
+        ]
+    )
+    assert [answer.status_code for answer in answers] == [200, 200]
+    assert flow.memory.peak_reserved <= engine.work_memory_limit
+    assert flow.memory.waited >= 1, "the second request waited for the first's memory"
+    assert flow.memory.reserved == 0
+
+
 # ------------------------------------------------------------------------ sockets against a real server
 
 
@@ -511,6 +760,7 @@ def test_a_slow_loris_upload_meets_the_deadline(server: tuple[str, Path], expect
     elapsed = time.monotonic() - started
     status, headers, raw = read_answer(sock, data=answer)
     sock.close()
+    note(status)
     assert status == 504, raw
     detail = json.loads(raw)
     assert detail["code"] == "deadline_exceeded"
@@ -541,6 +791,7 @@ def test_beyond_max_queue_requests_are_refused_at_once_without_reading_the_body(
         status, headers, raw = read_answer(sock)
         elapsed = time.monotonic() - started
         sock.close()
+        note(status)
         assert status == 503, raw
         answer = json.loads(raw)
         assert answer["code"] == "overloaded"
