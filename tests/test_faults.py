@@ -58,12 +58,13 @@ FAULTS: dict[str, FaultRecord] = {}
 @pytest.fixture(scope="module", autouse=True)
 def fault_table() -> Iterator[None]:
     yield
-    lines = ["", f"{'fault':<44} {'statuses':<28} {'URLs fetched':>12}  lost", "-" * 96]
+    width = max([len(name) for name in FAULTS] + [5])
+    lines = ["", f"{'fault':<{width}} {'statuses':<24} {'URLs fetched':<18} lost", "-" * (width + 50)]
     for name, record in FAULTS.items():
         seen = ", ".join(f"{status}x{record.statuses.count(status)}" for status in sorted(set(record.statuses)))
         kinds = sorted({url.split(":", 1)[0] for url in record.urls})
         fetched = f"{len(record.urls)} ({'/'.join(kinds)})" if record.urls else "0"
-        lines.append(f"{name:<44} {seen:<28} {fetched:>12}  {len(record.lost)}")
+        lines.append(f"{name:<{width}} {seen:<24} {fetched:<18} {len(record.lost)}")
     print("\n".join(lines))
 
 
@@ -521,7 +522,7 @@ def test_out_of_memory_at_every_step_answers_503_and_frees_the_device(
         answer = model_app.post(
             "/v1/effects/popart", data=fields, files={"image": ("p.jpg", upload, "image/jpeg")}, headers=ORIGIN
         )
-    follow(f"out_of_memory: {step}", model_app, answer)
+    follow(current_fault(), model_app, answer)
     assert answer.status_code == 503, answer.text
     assert answer.json()["code"] == "out_of_memory"
     assert int(answer.headers["retry-after"]) > 0
@@ -531,7 +532,7 @@ def test_out_of_memory_at_every_step_answers_503_and_frees_the_device(
     assert_store_clean(cache_dir)  # the mask may be stored (written before the answer); no result is
     assert not list((cache_dir / "results").glob("*.png"))
 
-    again = follow(f"out_of_memory: {step}", model_app, post_effect(model_app, upload, "popart", **fields))
+    again = post_effect(model_app, upload, "popart", **fields)
     assert again.status_code == 200, again.text
     empty_store(model_app)
     clean = post_effect(model_app, upload, "popart", **fields)
@@ -580,7 +581,7 @@ def test_a_failed_effect_cancels_the_rest_and_nothing_is_written_after_the_answe
             files={"image": ("p.jpg", upload, "image/jpeg")},
             headers=ORIGIN,
         )
-        follow(f"failed effect ({kind})", client, answer)
+        follow(current_fault(), client, answer)
         assert answer.status_code == status, answer.text
         assert answer.headers["access-control-allow-origin"] == "https://shop.example"
         assert ran == ["popart", "dithering"], f"effects run one after another, none after the failure: {ran}"
@@ -822,3 +823,110 @@ def test_clients_exactly_at_max_queue_are_never_refused(server: tuple[str, Path]
     loops = concurrently([client_loop, client_loop])
     assert loops == [[200] * 20, [200] * 20]
     assert access_statuses(workdir).count(503) == refused_before
+
+
+# Loaded by a real server's interpreter at start (PYTHONPATH), before `service`: photos of some
+# widths meet an injected fault inside the background step, every other photo is processed as usual.
+FAULT_INJECTOR = """
+import time
+
+import torch
+
+import effects.engine as engine
+
+_compose = engine.compose
+
+
+def compose(rgb, alpha, source_alpha, background):
+    width = rgb.shape[-1]
+    if width == 301:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    if width == 302:
+        raise ValueError("an injected bug")
+    if width == 303:
+        time.sleep(2.0)
+    return _compose(rgb, alpha, source_alpha, background)
+
+
+engine.compose = compose
+"""
+
+
+@pytest.fixture(scope="module")
+def faulty_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    from tests.server import ROOT
+
+    workdir = tmp_path_factory.mktemp("faults-injected")
+    (workdir / "inject").mkdir()
+    (workdir / "inject" / "sitecustomize.py").write_text(FAULT_INJECTOR)
+    env = {
+        "PYTHONPATH": f"{workdir / 'inject'}{os.pathsep}{ROOT}",
+        "CUTOUT_LOG_FORMAT": "json",
+        "CUTOUT_ALLOWED_ORIGINS": "https://shop.example",
+    }
+    with running_server(workdir, env) as base:
+        yield base, workdir
+
+
+def server_log(workdir: Path) -> list[dict[str, Any]]:
+    entries = []
+    for log in workdir.glob("server-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+    return entries
+
+
+def test_a_real_server_answers_out_of_memory_and_bugs_as_json_with_cors(faulty_server: tuple[str, Path]) -> None:
+    base, workdir = faulty_server
+    with httpx.Client(base_url=base, timeout=30, headers={"Origin": "https://shop.example"}) as http:
+        oom = post_effect(http, images.jpeg(301, 200, seed=70), "popart")
+        assert oom.status_code == 503, oom.text
+        assert oom.json()["code"] == "out_of_memory" and int(oom.headers["retry-after"]) > 0
+        assert oom.headers["access-control-allow-origin"] == "https://shop.example"
+
+        bug = post_effect(http, images.jpeg(302, 200, seed=71), "popart")
+        assert bug.status_code == 500, bug.text
+        body = bug.json()
+        assert body["code"] == "internal_error"
+        assert bug.headers["access-control-allow-origin"] == "https://shop.example", "CORS wraps a bug's answer"
+        assert bug.headers["x-request-id"] == body["request_id"]
+        fine = post_effect(http, images.jpeg(300, 200, seed=72), "popart")
+        assert fine.status_code == 200
+    logged = [entry for entry in server_log(workdir) if entry.get("request_id") == body["request_id"]]
+    assert logged and "ValueError: an injected bug" in logged[0]["message"], "the log carries the request id"
+
+
+def test_a_client_going_away_cancels_its_work(faulty_server: tuple[str, Path]) -> None:
+    base, workdir = faulty_server
+    upload = images.jpeg(303, 200, seed=73)  # its background step takes 2 s
+    boundary = "cutoutboundary"
+    fields = {"effects": "popart,dithering,retro8bit", "background": "none"}
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+        for name, value in fields.items()
+    ]
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
+        "Content-Type: image/jpeg\r\n\r\n".encode()
+        + upload
+        + b"\r\n"
+    )
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    results = workdir / "cache" / "results"
+    before = set(results.glob("*"))
+    sock = connect(base)
+    sock.sendall(multipart_head(base, len(body), boundary) + body)
+    time.sleep(0.7)  # the request is inside its background step
+    sock.close()
+    time.sleep(3.0)  # longer than the step: had the work gone on, its results would be stored by now
+    statuses = [entry.get("status") for entry in server_log(workdir) if entry.get("logger") == "cutout.access"]
+    assert 499 in statuses, statuses
+    note(499)
+    assert set(results.glob("*")) == before, "no effect ran or was stored after the hang-up"
+    with httpx.Client(base_url=base, timeout=30) as http:
+        again = post_process(http, upload, **fields)
+        assert again.status_code == 200
+        assert len(set(results.glob("*.png")) - before) == 3
