@@ -37,7 +37,8 @@ class Background:
         if match:
             digits = match.group(1)
             return cls(kind="colour", colour=(int(digits[0:2], 16), int(digits[2:4], 16), int(digits[4:6], 16)))
-        raise ValueError(f"background {value!r} is not one of {BACKGROUND_CHOICES}")
+        shown = value if len(value) <= 40 else f"{value[:40]}…"
+        raise ValueError(f"background {shown!r} is not one of {BACKGROUND_CHOICES}")
 
     def canonical(self) -> str:
         """One spelling per background, so `white` and `#FFFFFF` share cache keys."""

@@ -152,7 +152,7 @@ def parse_request(
     if fmt == "jpg":
         fmt = "jpeg"
     if fmt not in imaging.OUTPUT_FORMATS:
-        raise InvalidParameter(f"format {output_format!r} is not one of png, webp, jpeg")
+        raise InvalidParameter(f"format {clip(output_format)!r} is not one of png, webp, jpeg")
     if fmt == "jpeg" and parsed_background.kind == "transparent":
         raise InvalidParameter(
             "format=jpeg cannot keep a transparent background; use png or webp, or background=white|#rrggbb|blur"
@@ -186,6 +186,13 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{clip(text, 40)} is too large for a number")
+    return value
+
+
 def load_params_json(raw: str) -> Any:
     """`params` parsed, or the 400 that says what is wrong with it, whatever the client sent.
 
@@ -195,12 +202,12 @@ def load_params_json(raw: str) -> Any:
     if len(raw) > MAX_PARAMS_CHARS:
         raise InvalidParameter(f"params is {len(raw)} characters long; the limit is {MAX_PARAMS_CHARS}")
     try:
-        given = json.loads(raw, parse_constant=_refuse_constant)
+        given = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise InvalidParameter(f"params is not valid JSON ({exc.msg} at position {exc.pos})") from exc
     except RecursionError as exc:
         raise InvalidParameter(f"params is nested too deeply; at most {MAX_PARAMS_DEPTH} levels") from exc
-    except ValueError as exc:  # an integer past the digit limit, NaN, Infinity
+    except ValueError as exc:  # an integer past the digit limit, NaN, Infinity, 1e999
         raise InvalidParameter(f"params holds a value it cannot: {clip(str(exc))}") from exc
     if _depth(given) > MAX_PARAMS_DEPTH:
         raise InvalidParameter(f"params is nested too deeply; at most {MAX_PARAMS_DEPTH} levels")
