@@ -164,7 +164,7 @@ def test_a_json_body_instead_of_a_form(server: tuple[str, Path]) -> None:
 def test_details_name_the_problem(server: tuple[str, Path]) -> None:
     base, _ = server
     expectations = {
-        deep(100_000): "nested too deeply",
+        deep(5000): "nested too deeply",
         '{"popart": {"x": ' + HUGE_INT + "}}": "integer string conversion",
         '{"blackwhite": {"grain": 1e999}}': "too large",
     }
