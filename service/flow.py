@@ -384,13 +384,20 @@ class Flow:
         missing = [name for name in request.effects if name not in results]
         if missing:
             self.check_models(request, missing)
-            results.update(await self._compute(upload, image_hash, request, missing, timings))
+            results.update(await self._compute(upload, image_hash, request, missing, timings, want_bytes=want_bytes))
         timings["total"] = _ms_since(started)
         self._count(results.values())
         return ProcessOutcome(image_hash, {name: results[name] for name in request.effects}, timings)
 
     async def _compute(
-        self, upload: bytes, image_hash: str, request: ProcessRequest, names: list[str], timings: dict[str, float]
+        self,
+        upload: bytes,
+        image_hash: str,
+        request: ProcessRequest,
+        names: list[str],
+        timings: dict[str, float],
+        *,
+        want_bytes: bool,
     ) -> dict[str, EffectResult]:
         clock = time.perf_counter()
         with stage("decode", bytes=len(upload)) as span:
@@ -410,7 +417,7 @@ class Flow:
                     handoff = [await run_thread(self.engine.upload_guarded, decoded.pixels)]
                     del decoded  # the host copy goes as soon as the device has its own
                     timings["decode"] = round(timings["decode"] + _ms_since(clock), 2)
-                    return await self._compute_on_device(handoff, image_hash, request, names, timings)
+                    return await self._compute_on_device(handoff, image_hash, request, names, timings, want_bytes)
             except BaseExceptionGroup as group:
                 raise _first_error(group) from None
         except OutOfMemory as exc:
@@ -426,6 +433,7 @@ class Flow:
         request: ProcessRequest,
         names: list[str],
         timings: dict[str, float],
+        want_bytes: bool,
     ) -> dict[str, EffectResult]:
         engine = self.engine
         image = handoff.pop()
@@ -474,7 +482,9 @@ class Flow:
                 width=int(pixels.shape[1]),
                 height=int(pixels.shape[0]),
                 size=len(data),
-                data=data,
+                # Kept when the answer carries them (the bytes route, or a data: URL for a result
+                # the store could not keep); otherwise let go at once, not at the request's end.
+                data=data if want_bytes or outcome == "bypass" else None,
             )
 
         finishing: dict[str, asyncio.Task[EffectResult]] = {}
