@@ -43,9 +43,13 @@ MASK_BATCH_SPAN = "mask batch"
 # Peak device memory of one request's tensor work, in units of its (1, 4, h, w) float32 output
 # image, on top of the 8-bit upload: measured by scripts/bench_memory.py (docs/capacity.md).
 WORKING_SET_FACTOR = 4.0
-# Device memory kept out of the requests' budget: the CUDA context, cuDNN/cuBLAS workspaces and
-# the caching allocator's fragmentation.
-DEVICE_RESERVE_BYTES = 2 * 1024**3
+# Device memory kept out of the requests' budget (docs/capacity.md; L4 estimates, no GPU measured):
+# the CUDA context, cuDNN/cuBLAS workspaces and the caching allocator's fragmentation;
+DEVICE_RESERVE_BYTES = 1536 * 1024**2
+# the activations of one mask batch (SwinB at 1024 px in fp16), per image of the batch;
+MASK_FORWARD_BYTES_PER_IMAGE = 300 * 1024**2
+# the activations of the one diffusion job that runs at a time, when any pipeline is configured.
+DIFFUSION_JOB_BYTES = 3 * 1024**3
 
 CUTOUT = "cutout"
 MANIFEST = "model.json"
@@ -377,8 +381,10 @@ class Engine:
     def work_memory_bytes(self) -> int | None:
         """Device memory requests' tensor work may hold at once (`MemoryBudget`'s capacity).
 
-        On CUDA: the device's memory less the resident weights of every loaded model and
-        `DEVICE_RESERVE_BYTES`. Elsewhere None (unbounded) unless `work_memory_limit` is set.
+        On CUDA: the device's memory less the resident weights of every loaded model, the
+        context's reserve, one mask batch's activations and (with diffusion effects configured)
+        one diffusion job's: those run one at a time on their own threads, outside the budget.
+        Elsewhere None (unbounded) unless `work_memory_limit` is set.
         """
         if self.work_memory_limit is not None:
             return self.work_memory_limit
@@ -386,7 +392,10 @@ class Engine:
             return None
         total = int(torch.cuda.get_device_properties(self.device).total_memory)
         resident = sum(state.resident_bytes or 0 for state in self.states.values())
-        return max(0, total - resident - DEVICE_RESERVE_BYTES)
+        shared = DEVICE_RESERVE_BYTES + self.mask_batch_size * MASK_FORWARD_BYTES_PER_IMAGE
+        if len(self.states) > 1:
+            shared += DIFFUSION_JOB_BYTES
+        return max(0, total - resident - shared)
 
     # ----------------------------------------------------------------- the GPU queue
 

@@ -252,9 +252,17 @@
     }
 
     function outcome(body, prepared, uploaded) {
+      var results = body.results || {};
+      Object.keys(results).forEach(function (name) {
+        var result = results[name];
+        // When the service's store could not keep a result, its `url` is a data: URL carrying the
+        // picture itself: shown like any other, but `stored: false` says it is no link to keep
+        // (in a cart or an order); ask again later for a stored one.
+        result.stored = result.stored !== false && String(result.url).indexOf("data:") !== 0;
+      });
       return {
         imageSha256: body.image_sha256,
-        results: body.results,
+        results: results,
         timingsMs: body.timings_ms || {},
         uploaded: uploaded,
         photo: { width: prepared.width, height: prepared.height, bytes: prepared.blob.size },
@@ -294,8 +302,9 @@
       },
 
       /**
-       * Every requested effect of one photo: `{imageSha256, results: {<effect>: {url, width, height, ...}},
-       * uploaded}`. Rejects with a `CutoutError` carrying the service's `code` and `detail`.
+       * Every requested effect of one photo: `{imageSha256, results: {<effect>: {url, stored, width, height, ...}},
+       * uploaded}`. Every `url` shows the picture; one with `stored: false` is a data: URL (the service could not
+       * store that result) to show, not to keep. Rejects with a `CutoutError` carrying the service's `code` and `detail`.
        */
       process: function (file, overrides) {
         var settings = assign({}, options, overrides);
