@@ -329,14 +329,15 @@ class Engine:
         height, width = output_size(image.shape[1], image.shape[2], max_size)
         with device_memory_guard("compositing the background"), torch.inference_mode():
             pixels = torch.empty((1, image.shape[0], height, width), dtype=torch.float32, device=image.device)
-            for channel in range(image.shape[0]):
-                plane = image[channel].view(1, 1, *image.shape[1:]).to(torch.float32).div_(255.0)
-                if (height, width) != (image.shape[1], image.shape[2]):
-                    plane = F.interpolate(
+            if (height, width) == (image.shape[1], image.shape[2]):
+                pixels[0].copy_(image).div_(255.0)  # already the output size: converted in place
+            else:
+                for channel in range(image.shape[0]):
+                    plane = image[channel].view(1, 1, *image.shape[1:]).to(torch.float32).div_(255.0)
+                    pixels[:, channel : channel + 1] = F.interpolate(
                         plane, size=(height, width), mode="bilinear", antialias=True, align_corners=False
                     )
-                pixels[:, channel : channel + 1] = plane
-                del plane
+                    del plane
             rgb = pixels[:, :3].clamp_(0.0, 1.0)
             source_alpha = pixels[:, 3:4].clamp_(0.0, 1.0) if image.shape[0] == 4 else None
             alpha = None
