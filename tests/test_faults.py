@@ -479,7 +479,7 @@ ORIGIN = {"Origin": "https://shop.example"}
 
 @pytest.mark.parametrize(
     "step",
-    ["upload", "mask input", "background", "classic effect", "download", "mask encode (no guard of its own)"],
+    ["upload", "mask-input", "background", "classic-effect", "download", "mask-encode-unguarded"],
 )
 def test_out_of_memory_at_every_step_answers_503_and_frees_the_device(
     model_app: TestClient, monkeypatch: pytest.MonkeyPatch, step: str
@@ -508,11 +508,11 @@ def test_out_of_memory_at_every_step_answers_503_and_frees_the_device(
     with monkeypatch.context() as fault:
         if step == "upload":
             fault.setattr(engine, "upload", out_of_memory)
-        elif step == "mask input":
+        elif step == "mask-input":
             fault.setattr(engine._cutout, "prepare", out_of_memory)
         elif step == "background":
             fault.setattr(engine_module, "compose", out_of_memory)
-        elif step == "classic effect":
+        elif step == "classic-effect":
             fault.setitem(EFFECTS, "popart", dataclasses.replace(EFFECTS["popart"], apply=out_of_memory))
         elif step == "download":
             fields = {"background": "none"}  # no mask: the first tensor to leave the device is the result
