@@ -20,12 +20,14 @@ into their convolutions, and the result moves to the device once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import json
 import logging
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -55,6 +57,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_LEVELS = 65535
 
 _FIX_WEIGHTS = "rebuild them with scripts/fetch_weights.py (or scripts/make_test_weights.py for random test weights)"
+
+
+# Read errors that say nothing about the file itself (worth a retry); anything else is a broken file.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ENOMEM, errno.EBUSY})
 
 
 class ModelLoadError(RuntimeError):
@@ -346,15 +352,25 @@ def load_cutout_model(
     costs far more than it saves.
     """
     path = Path(path)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    _architecture()
+    timings["import_s"], clock = time.perf_counter() - clock, time.perf_counter()
     info = read_weights_info(path)
     net = build_inspyrenet(info.base_size, empty=True)
     expected = net.state_dict()
+    timings["build_s"], clock = time.perf_counter() - clock, time.perf_counter()
     try:
         tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:  # the file may be fine; the read was not
+            raise
+        raise ModelLoadError(f"{path} could not be read ({exc}): {_FIX_WEIGHTS}") from exc
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(
             f"{path} could not be read ({exc}); it may be truncated or corrupt: {_FIX_WEIGHTS}"
         ) from exc
+    timings["weight_read_s"], clock = time.perf_counter() - clock, time.perf_counter()
     _check_against(path, tensors, expected)
     floats = {
         name: (t.float() if t.is_floating_point() and t.dtype != torch.float32 else t) for name, t in tensors.items()
@@ -364,10 +380,17 @@ def load_cutout_model(
         _check_materialised(path, net)
         net.requires_grad_(False)
         _fold_batch_norms(net)
+    timings["assign_s"], clock = time.perf_counter() - clock, time.perf_counter()
     # InSPyReNet overrides .to() with a device-only signature; the base method takes both at once.
     nn.Module.to(net, device=device, dtype=dtype)
     _move_helper_kernels(net, device)
-    return CutoutModel(net, info, device, dtype, compile_model=compile_model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["device_copy_s"] = time.perf_counter() - clock
+    model = CutoutModel(net, info, device, dtype, compile_model=compile_model)
+    model.load_timings = {name: round(seconds, 4) for name, seconds in timings.items()}
+    model.weight_file_bytes = path.stat().st_size
+    return model
 
 
 def _check_materialised(path: Path, net: nn.Module) -> None:
@@ -430,6 +453,9 @@ class CutoutModel:
     ) -> None:
         self.net = net
         self.info = info
+        # Where `load_cutout_model` spent its time (seconds per phase) and the bytes it read.
+        self.load_timings: dict[str, float] = {}
+        self.weight_file_bytes = 0
         self.model_id = info.model_id
         self.base_size = info.base_size
         self.device = device
