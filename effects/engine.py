@@ -151,7 +151,7 @@ class Engine:
         mask_batch_size: int = 8,
         mask_batch_wait_ms: float = 5.0,
         compile_model: bool = False,
-        retry_delays_s: Sequence[float] = RETRY_DELAYS_S,
+        retry_delays_s: Sequence[float] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -159,7 +159,7 @@ class Engine:
         self.mask_batch_size = mask_batch_size
         self.mask_batch_wait_s = mask_batch_wait_ms / 1000.0
         self.compile_model = compile_model
-        self.retry_delays_s = tuple(retry_delays_s)
+        self.retry_delays_s = tuple(RETRY_DELAYS_S if retry_delays_s is None else retry_delays_s)
         self.states: dict[str, ModelState] = {CUTOUT: ModelState(CUTOUT, models_dir / cutout_model)}
         for name in diffusion_effects:
             self.states[name] = ModelState(name, models_dir / name, detail="waiting for the cutout model")
