@@ -17,7 +17,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +46,11 @@ ModelStatus = Literal["loading", "ready", "missing", "failed"]
 # A transient load failure is retried after each of these delays, then the model is `failed`
 # until POST /warmup asks again.
 RETRY_DELAYS_S = (2.0, 8.0)
+# After the cutout model is ready, diffusion loading waits for the storefront's requests to be
+# served: no request in flight for this long (longer than the startup probe's period, so the
+# requests Cloud Run held for the probe have arrived), or this long at most.
+STOREFRONT_QUIET_S = 3.0
+STOREFRONT_WAIT_S = 20.0
 # Not imported before the cutout model is ready (the storefront's path never needs them).
 DIFFUSION_LIBRARIES = ("diffusers", "transformers", "accelerate")
 
@@ -191,12 +196,15 @@ class Engine:
 
     # ----------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
+    async def start(self, storefront_idle: Callable[[], bool] | None = None) -> None:
         """Bring the models up in stages, the storefront's first.
 
         1. The cutout model loads and runs its warm forward alone: the moment it is warm, the cutout
            and every classic effect can serve (`ready`), and nothing of diffusers or transformers has
-           been imported yet.
+           been imported yet. The next stage waits until `storefront_idle()` has held for
+           `STOREFRONT_QUIET_S` (at most `STOREFRONT_WAIT_S`): the requests that woke the instance,
+           held by Cloud Run until the startup probe passed, are served before anything competes
+           with them for the CPU.
         2. diffusers, transformers and accelerate are imported and every pipeline class resolved once,
            on one thread (their lazy modules are not safe to race).
         3. The diffusion pipelines load in parallel, one thread each, and each effect becomes available
@@ -227,6 +235,8 @@ class Engine:
         )
         pending = [state for name, state in self.states.items() if name != CUTOUT and state.status == "loading"]
         if pending:
+            if storefront_idle is not None and cutout.status == "ready":
+                await wait_quiet(storefront_idle, STOREFRONT_QUIET_S, STOREFRONT_WAIT_S)
             for state in pending:
                 state.detail = "loading"
             if await self._prepare_libraries(pending):
@@ -633,6 +643,18 @@ class Engine:
                 raise OutOfMemory(f"the GPU ran out of memory running {effect.name}; retry shortly") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._diffusion, job)
+
+
+async def wait_quiet(idle: Callable[[], bool], quiet_s: float, at_most_s: float) -> None:
+    """Return once `idle()` has held for `quiet_s` in a row, or after `at_most_s` whatever happens."""
+    loop = asyncio.get_running_loop()
+    started = quiet_since = loop.time()
+    while loop.time() - started < at_most_s:
+        if not idle():
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= quiet_s:
+            return
+        await asyncio.sleep(0.05)
 
 
 def output_size(height: int, width: int, max_size: int) -> tuple[int, int]:

@@ -86,6 +86,11 @@ def _architecture() -> Callable[..., nn.Module]:
     need. The architecture modules only need their own package to be importable, so a bare
     package object stands in for the duration of the import. A later ordinary
     `import transparent_background` still runs the real `__init__` and reuses these modules.
+
+    The Swin backbone takes three small helpers from `timm.layers`, and importing timm imports
+    torchvision's model zoo: 2-3 s of the cold start (more on busy cores) for a drop-path layer
+    that is the identity in eval mode, a pair constructor and an initialiser. Unless timm is
+    imported already, `_TimmLayers` stands in for it during the import (`timm` stays importable).
     """
     global _ARCHITECTURE
     with _IMPORT_LOCK:
@@ -102,14 +107,55 @@ def _architecture() -> Callable[..., nn.Module]:
             stand_in.__path__ = list(spec.submodule_search_locations)
             stand_in.__spec__ = spec
             sys.modules["transparent_background"] = stand_in
+        timm_stand_ins = _timm_stand_ins() if "timm" not in sys.modules else {}
+        sys.modules.update(timm_stand_ins)
         try:
             from transparent_background.InSPyReNet import InSPyReNet_SwinB
         finally:
             if stand_in is not None and sys.modules.get("transparent_background") is stand_in:
                 del sys.modules["transparent_background"]
+            for name, module in timm_stand_ins.items():
+                if sys.modules.get(name) is module:
+                    del sys.modules[name]
         architecture: Callable[..., nn.Module] = InSPyReNet_SwinB
         _ARCHITECTURE = architecture
         return architecture
+
+
+class _DropPath(nn.Module):
+    """Stochastic depth per sample (timm's `DropPath`): the identity in eval mode, which is how it serves."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if keep > 0.0 and self.scale_by_keep:
+            mask.div_(keep)
+        return x * mask
+
+
+def _to_2tuple(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    return (value, value)
+
+
+def _timm_stand_ins() -> dict[str, types.ModuleType]:
+    """`timm` and `timm.layers` holding only what the Swin backbone imports from them."""
+    package = types.ModuleType("timm")
+    package.__path__ = []
+    layers = types.ModuleType("timm.layers")
+    layers.DropPath = _DropPath  # type: ignore[attr-defined]
+    layers.to_2tuple = _to_2tuple  # type: ignore[attr-defined]
+    layers.trunc_normal_ = torch.nn.init.trunc_normal_  # type: ignore[attr-defined]
+    package.layers = layers  # type: ignore[attr-defined]
+    return {"timm": package, "timm.layers": layers}
 
 
 # Tensor constructors whose storage is about to be overwritten by the checkpoint. Constructors

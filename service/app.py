@@ -81,7 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.flow = Flow(engine, store, settings)
         # Models load in the background, the cutout model first (effects.engine.Engine.start), so
         # /health answers at once and /ready turns 200 as soon as the storefront's work can run.
-        loading = asyncio.create_task(engine.start(), name="cutout-model-loading")
+        loading = asyncio.create_task(
+            engine.start(storefront_idle=lambda: admission.in_flight == 0), name="cutout-model-loading"
+        )
         loading.add_done_callback(lambda task: _loading_finished(app, task))
         app.state.loading = loading
         running = operations.start(app, settings, engine)
