@@ -251,13 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in DIFFUSION_EFFECTS:
             read_lo, read_hi = total / 1e9 / high, total / 1e9 / low
             own = sizes[name] / 1e9 / L4_H2D_GBPS + L4_WARM_S[name]
-            rows.append(
-                [
-                    name,
-                    f"{sizes[name] / 1e9:.2f}",
-                    f"{cutout_lo + libraries_s + read_lo + own:.0f}-{cutout_hi + libraries_s + read_hi + own:.0f} (at most)",
-                ]
-            )
+            soonest = cutout_lo + libraries_s + read_lo + own
+            latest = cutout_hi + libraries_s + read_hi + own
+            rows.append([name, f"{sizes[name] / 1e9:.2f}", f"{soonest:.0f}-{latest:.0f} (at most)"])
         table(
             f"L4 estimate: process start -> ready, reading {low}-{high} GB/s from the image, {L4_H2D_GBPS} GB/s to the "
             "GPU, imports as measured here (add ~5 s for the instance and GPU)",
