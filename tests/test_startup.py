@@ -115,6 +115,8 @@ def run_service(tmp_path: Path) -> Iterator[Any]:
             process.wait(timeout=30)
 
 
+# Each start takes 20-70 s on two busy cores (imports, the cutout, four tiny pipelines, the smoke test).
+@pytest.mark.timeout(120 + 180 * STARTUP_RUNS)
 def test_fresh_processes_start_ready_every_time(models_dir: Path, tmp_path: Path, run_service: Any) -> None:
     """The issue this guards against: loaders racing on diffusers' lazy imports left pipelines failed
     in every fresh process, and /ready at 503 for good. Only a fresh process shows it."""
