@@ -213,11 +213,22 @@ def github_output(values: Mapping[str, str]) -> None:
 # ---------------------------------------------------------------- commands
 
 
-def deploy(gcloud: Gcloud, target: Target, image: str, public_url: str) -> dict[str, str]:
-    """A new revision of `image` receiving no traffic, carrying the `canary` tag (moved from wherever it was)."""
+def deploy(
+    gcloud: Gcloud,
+    target: Target,
+    image: str,
+    public_url: str,
+    report: Callable[[Mapping[str, str]], None] = lambda values: None,
+) -> dict[str, str]:
+    """A new revision of `image` receiving no traffic, carrying the `canary` tag (moved from wherever it was).
+
+    The serving revision is reported before anything changes: if the deploy fails half-way (the new
+    revision never becomes ready, after the tag was freed), the rollback still knows where to go.
+    """
     canary = canary_url(public_url)
     before = describe(gcloud, target)
     previous = serving_revision(before) or ""
+    report({"previous_revision": previous, "canary_url": canary})
 
     # Deploy the digest, not the tag: the revision then names exactly the bytes that were built.
     digest = gcloud(["artifacts", "docker", "images", "describe", image, "--format=value(image_summary.digest)"])
@@ -416,7 +427,10 @@ def main(argv: Sequence[str] | None = None, gcloud: Gcloud = run_gcloud) -> int:
     target = Target(args.project or "", args.region or "", args.service)
     try:
         if args.command == "deploy":
-            github_output(deploy(gcloud, target, args.image, args.public_url))
+            result = deploy(gcloud, target, args.image, args.public_url, report=github_output)
+            github_output(
+                {key: value for key, value in result.items() if key not in ("previous_revision", "canary_url")}
+            )
         elif args.command == "smoke":
             smoke(args.url, args.ready_deadline)
         elif args.command == "promote":

@@ -190,6 +190,29 @@ def test_deploy_pins_the_digest_moves_the_canary_tag_to_a_no_traffic_revision_an
     assert outputs["previous_revision"] == "cutout-00001-old"
 
 
+def test_a_deploy_that_fails_half_way_has_already_reported_where_to_roll_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "github_output"
+    monkeypatch.setenv("GITHUB_OUTPUT", str(output))
+
+    class RevisionNeverReady(FakeGcloud):
+        def __call__(self, args: Sequence[str]) -> str:
+            if list(args[:2]) == ["run", "deploy"]:
+                raise deploy.DeployError("Revision 'cutout-00002-new' is not ready and cannot serve traffic")
+            return super().__call__(args)
+
+    gcloud = RevisionNeverReady(
+        [described([{"revisionName": "cutout-00001-old", "percent": 100, "tag": "canary"}])],
+        {"artifacts docker images describe": "sha256:" + "b" * 64},
+    )
+    argv = ["--project", "proj", "--region", "us-central1", "--public-url", "https://cutout.example.com"]
+    assert deploy.main([*argv, "deploy", "--image", "r/cutout:v2"], gcloud) == 1
+    outputs = dict(line.split("=", 1) for line in output.read_text().splitlines())
+    # deploy.yml's rollback step runs when previous_revision is set: it puts the canary tag back.
+    assert outputs == {"previous_revision": "cutout-00001-old", "canary_url": "https://cutout.example.com/canary"}
+
+
 def test_deploy_refuses_an_image_it_cannot_resolve() -> None:
     gcloud = FakeGcloud([described([{"revisionName": "old", "percent": 100}])], {"artifacts": "\n"})
     with pytest.raises(deploy.DeployError, match="digest"):
