@@ -81,8 +81,8 @@ resource "google_monitoring_alert_policy" "uptime" {
 }
 
 # Cloud Run writes startup probe failures ("STARTUP HTTP probe failed ... The instance was not
-# started"), container exits ("Container called exit(1)"), memory-limit kills and liveness restarts to
-# the revision's system log at severity ERROR. One of them is a revision that cannot serve: with scale
+# started"), memory-limit kills and liveness failures to the revision's system log at severity ERROR,
+# and a container's exit ("Container called exit(1)") there too. One of them is a revision that cannot serve: with scale
 # to zero that is an outage at the next cold start, before any request has failed.
 resource "google_monitoring_alert_policy" "instance_failures" {
   display_name          = "${local.name} ${var.environment}: instances failing to start or crashing"
@@ -93,7 +93,8 @@ resource "google_monitoring_alert_policy" "instance_failures" {
   conditions {
     display_name = "startup probe failure, container exit or crash in the system log"
     condition_matched_log {
-      filter = "resource.type = \"cloud_run_revision\" AND resource.labels.service_name = \"${local.name}\" AND log_id(\"run.googleapis.com/varlog/system\") AND severity >= ERROR"
+      # A crash exits non-zero; exit(0) is a normal shutdown after SIGTERM and is not matched.
+      filter = "resource.type = \"cloud_run_revision\" AND resource.labels.service_name = \"${local.name}\" AND log_id(\"run.googleapis.com/varlog/system\") AND (severity >= ERROR OR textPayload:\"Container called exit(1)\")"
       label_extractors = {
         revision = "EXTRACT(resource.labels.revision_name)"
       }

@@ -759,8 +759,10 @@ def test_instance_failures_alert_on_the_system_log() -> None:
         'log_id("run.googleapis.com/varlog/system")',
         "severity >= ERROR",
         'resource.type = "cloud_run_revision"',
+        'textPayload:"Container called exit(1)"',
     ):
         assert piece in log_filter
+    assert "exit(0)" not in log_filter  # a normal shutdown after SIGTERM is not a crash
     assert 'resource.labels.service_name = "${var.service_name}"' in log_filter
     # Log-match alerts need a notification rate limit, or the API refuses them.
     assert one(one(policy["alert_strategy"])["notification_rate_limit"])["period"]
