@@ -8,7 +8,7 @@
 # `gcloud run deploy --image` copies every other setting from the current template, so a release ships
 # whatever Terraform last set. A Terraform change creates a revision that gets no traffic once a
 # release has pinned traffic to a named revision: it goes live with the next release, canary and all
-# (docs/deployment.md, "Changing the configuration"). Hence the ignore_changes below.
+# (docs/deployment.md, "Who owns the service"). Hence the ignore_changes below.
 resource "google_cloud_run_v2_service" "cutout" {
   name                = local.name
   location            = var.region
