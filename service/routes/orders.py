@@ -129,7 +129,7 @@ async def _keep(store: ResultStore, picture: Picture, until: dt.datetime) -> dic
     except StoreError as exc:
         # Nothing may look kept that is not: the client is told to try again.
         raise ServiceUnavailable(
-            "the picture store is unavailable; nothing was kept, retry shortly", retry_after=15
+            "the picture store is unavailable; not kept yet, retry shortly (keeping again is safe)", retry_after=15
         ) from exc
     return {
         "url": store.kept_url(picture.name),
