@@ -19,6 +19,8 @@ memory_gib                    = 32
 gpu_zonal_redundancy_disabled = false
 deletion_protection           = true
 
+# Processed photos held for an order to keep by hash (kept pictures live by their own dates).
+upload_retention_days = 7
 result_retention_days = 30
 
 armor_rate_limit = {

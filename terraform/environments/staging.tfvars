@@ -18,6 +18,8 @@ memory_gib                    = 32
 gpu_zonal_redundancy_disabled = true
 deletion_protection           = false
 
+# Processed photos held for an order to keep by hash (kept pictures live by their own dates).
+upload_retention_days = 3
 result_retention_days = 7
 
 armor_rate_limit = {
