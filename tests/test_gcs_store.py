@@ -357,7 +357,10 @@ def test_a_412_on_a_concurrent_write_is_a_miss_not_a_bypass(
 ) -> None:
     client = gcs_client()
     proxy.inject(
-        412, when=is_result_upload, headers={"Content-Type": "application/json"}, body=storage_error(412, "conditionNotMet")
+        412,
+        when=is_result_upload,
+        headers={"Content-Type": "application/json"},
+        body=storage_error(412, "conditionNotMet"),
     )
     response = post_effect(client, images.png(48, 32, seed=10))
     assert response.status_code == 200

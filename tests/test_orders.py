@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from fastapi.testclient import TestClient
 import cache.store
 import service.routes.orders
 from tests import images
-from tests.server import running_server
+from tests.server import ROOT, running_server
 
 ORIGIN = "https://shop.example"
 
@@ -348,3 +350,51 @@ def test_production_logs_are_json(tmp_path: Path) -> None:
     lines = [line for line in (tmp_path / f"server-{port}.log").read_text().splitlines() if line.strip()]
     parsed = [json.loads(line) for line in lines]
     assert any(entry.get("path") == "/health" and entry["severity"] == "INFO" for entry in parsed)
+
+
+# ------------------------------------------------------------------------------------ in a browser
+
+STORE_IMAGE_PAGE = ROOT / "tests" / "browser" / "store_image"
+STORE_IMAGE_SPEC = ROOT / "tests" / "browser" / "store_image.spec.mjs"
+
+
+@pytest.mark.browser
+def test_each_storefront_store_image_caller_in_chromium(tmp_path: Path) -> None:
+    """A page on another origin builds each caller's FormData, reads `success`/`url`, shows the picture."""
+    from tests.test_browser import CHROMIUM, require_browser_tools, static_site
+
+    node = require_browser_tools()
+    with static_site(STORE_IMAGE_PAGE) as page_origin:
+        env = {"CUTOUT_ALLOWED_ORIGINS": page_origin, "CUTOUT_PUBLIC_URL": ""}
+        with running_server(tmp_path, env) as api:
+            config = {"pageUrl": f"{page_origin}/index.html?api={api}", "chromium": str(CHROMIUM)}
+            run = subprocess.run(
+                [node, str(STORE_IMAGE_SPEC)],
+                cwd=ROOT,
+                env={**os.environ, "CUTOUT_BROWSER": json.dumps(config)},
+                capture_output=True,
+                text=True,
+                timeout=300,
+                check=False,
+            )
+            assert run.returncode == 0, f"browser script failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+            report = json.loads(run.stdout.strip().splitlines()[-1])
+            kept = {name: httpx.get(call["url"], timeout=30) for name, call in report["calls"].items()}
+    print(json.dumps(report["calls"], indent=1))
+    assert "error" not in report, report
+    assert set(report["calls"]) == {
+        "pet-processor.js uploadToGCS",
+        "inline-preview-mvp.js uploadViaInSPyReNet",
+        "inline-preview-mvp.js uploadOriginalToGCS",
+        "ks-product-pet-selector-stitch.liquid uploadToServer",
+    }
+    for name, call in report["calls"].items():
+        assert call["status"] == 200, (name, call)
+        assert call["url"] and call["url"].startswith(f"{api}/v1/kept/"), (name, call)
+        assert (call["shown"]["width"], call["shown"]["height"]) == (120, 80), (name, call)
+        assert kept[name].status_code == 200
+    originals = {report["calls"][n]["url"] for n in report["calls"] if "Original" in n or "uploadToServer" in n}
+    assert len(originals) == 1, "the same photo twice is one kept picture (named by its bytes)"
+    assert next(iter(originals)).endswith(".jpeg")
+    errors = [line for line in report["console"] if line.startswith(("error", "pageerror"))]
+    assert not errors, report["console"]
