@@ -38,7 +38,7 @@ from google.cloud import storage
 from google.cloud.storage import exceptions as storage_exceptions
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from cache.store import IMMUTABLE_CACHE_CONTROL, StoreError, check_kept, check_object_name, image_info
+from cache.store import IMMUTABLE_CACHE_CONTROL, StoreError, check_kept, check_object_name, image_info, now_utc
 
 log = logging.getLogger("cutout.cache.gcs")
 
@@ -204,6 +204,8 @@ class GcsStore:
         sha256 = hashlib.sha256(data).hexdigest()
         md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
         spare = self._kept_max_age - dt.timedelta(days=1)
+        if until > now_utc() + spare:
+            raise StoreError(f"keep {name}: {until:%Y-%m-%d} is past what the bucket's backstop age rule allows")
         for _ in range(_KEEP_ATTEMPTS):
             existing = self._call("keep", name, partial(self._read_blob, name))
             current = _custom_time(existing) if existing is not None else None

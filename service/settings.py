@@ -55,8 +55,8 @@ class Settings(BaseSettings):
     public_url: str = ""
     # Kept pictures (docs/storefront.md): the bucket deletes a kept object this many days after it
     # was written whatever its keep-until date; a longer keep renews the object. Keep it equal to
-    # terraform's kept_max_age_days.
-    kept_max_age_days: int = Field(default=1095, ge=2, le=3650)
+    # terraform's kept_max_age_days; 732 at least: the longest tier (730 days) and a day of grace.
+    kept_max_age_days: int = Field(default=1095, ge=732, le=3650)
 
     # Upload limits and defaults.
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)

@@ -26,6 +26,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from PIL import Image
 
+import cache.gcs
 from cache.gcs import GcsStore
 from cache.store import IMMUTABLE_CACHE_CONTROL, StoreError
 from tests import images
@@ -506,22 +507,36 @@ def test_a_corrupt_kept_object_is_replaced_with_the_right_bytes(proxy: Recording
     assert store.get(name) == data
 
 
-def test_keeping_past_the_backstop_age_renews_the_object(proxy: RecordingProxy, emulator: Emulator) -> None:
-    # With a 10-day backstop (the bucket deletes kept objects 10 days old), a 30-day keep cannot
-    # be promised by a date alone: the same bytes are written as a new generation, which restarts
-    # the object's age, and the date is carried over.
+def test_keeping_past_the_backstop_age_renews_the_object(
+    proxy: RecordingProxy, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a 10-day backstop (the bucket deletes kept objects 10 days after they were written), an
+    # object written 8 days ago cannot be promised 5 more days by a date alone: the same bytes are
+    # written as a new generation, which restarts the object's age, and the date is carried over.
     store = make_store(kept_max_age_days=10)
     data = png(26)
     name = kept_name(data)
     store.keep(name, data, "image/png", in_days(5))
     generation = emulator.client().bucket(BUCKET).get_blob(name).generation
 
+    eight_days_on = dt.datetime.now(dt.UTC) + dt.timedelta(days=8)
+    monkeypatch.setattr(cache.gcs, "now_utc", lambda: eight_days_on)
     proxy.clear()
-    target = in_days(30)
+    target = (eight_days_on + dt.timedelta(days=5)).replace(microsecond=0)
     assert store.keep(name, data, "image/png", target) == target
     (renewal,) = proxy.recorded(is_upload)
-    assert renewal.query["ifGenerationMatch"] == [str(generation)]
-    assert emulator.client().bucket(BUCKET).get_blob(name).custom_time == target
+    assert renewal.query["ifGenerationMatch"] == [str(generation)], "exactly the version that was read"
+    blob = emulator.client().bucket(BUCKET).get_blob(name)
+    assert blob.custom_time == target and blob.generation != generation
+    assert store.get(name) == data
+
+
+def test_a_keep_longer_than_the_backstop_allows_is_refused_not_promised(proxy: RecordingProxy) -> None:
+    store = make_store(kept_max_age_days=10)
+    data = png(29)
+    with pytest.raises(StoreError, match="backstop"):
+        store.keep(kept_name(data), data, "image/png", in_days(30))
+    assert not proxy.recorded(is_upload)
 
 
 def test_service_keeps_an_orders_pictures_in_the_bucket(

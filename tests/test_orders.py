@@ -115,6 +115,28 @@ def test_a_later_keep_lengthens_an_earlier_one_and_never_shortens(client: TestCl
     assert shorter["kept_until"] == longer["kept_until"], "nobody can shorten a keep"
 
 
+def test_an_order_lengthens_the_links_its_cart_holds(client: TestClient) -> None:
+    """The theme's cart holds /store-image links (7 days); once ordered, the same links are kept 180 days."""
+    original, processed = images.jpeg(64, 48, seed=13), images.png(64, 48, seed=14)
+    cart = [
+        client.post(
+            "/store-image",
+            data={"session_id": "pet_1", "image_type": kind, "tier": "temporary"},
+            files={"file": ("f", data, "image/jpeg")},
+        ).json()["url"]
+        for kind, data in (("original", original), ("processed_popart", processed))
+    ]
+    response = keep(client, results=" ".join(cart), tier="order_completed")
+    assert response.status_code == 200, response.text
+    entries = response.json()["results"]
+    assert [entry["url"] for entry in entries.values()] == cart, "the links do not move"
+    for entry in entries.values():
+        assert 179.9 < days_from_now(kept_until(entry)) <= 180
+    assert [client.get(url).content for url in cart] == [original, processed]
+    gone = keep(client, results=cart[0].replace(cart[0].rsplit("/", 1)[1], "f" * 64 + ".jpeg"))
+    assert gone.status_code == 404 and gone.json()["code"] == "result_not_found"
+
+
 def test_a_keep_ends_when_its_date_passes(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
     upload = images.png(40, 30, seed=4)
     response = client.post("/v1/keep", files={"image": ("cat.png", upload, "image/png")})

@@ -90,20 +90,28 @@ def parse_tier(tier: str) -> tuple[str, int]:
 
 
 def parse_results(results: str | None) -> list[tuple[str, str]]:
-    """(key, extension) of each result named by its name (`<key>.<ext>`) or by the URL answered for it."""
+    """(store object, the name answered back) of each picture named in `results`.
+
+    A result by its URL or `<key>.<ext>` name, as POST /v1/process answered it; or a picture kept
+    before, by its kept URL (`.../kept/<sha256>.<ext>`), so a cart's links can be kept longer as they are.
+    """
     items = [item for item in re.split(r"[\s,]+", results or "") if item]
     if len(items) > MAX_RESULTS:
         raise InvalidParameter(f"at most {MAX_RESULTS} results can be kept in one request, got {len(items)}")
     parsed: list[tuple[str, str]] = []
     for item in items:
-        last = item.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        path = item.split("?", 1)[0].rstrip("/")
+        last = path.rsplit("/", 1)[-1]
+        if path.rsplit("/", 2)[-2:-1] == ["kept"] and KEPT_NAME.fullmatch(f"kept/{last}"):
+            parsed.append((f"kept/{last}", last))
+            continue
         match = _RESULT_NAME.fullmatch(last)
         if match is None:
             raise InvalidParameter(
                 f"{item!r} is not a result; name each result by its URL or `<key>.<png|webp|jpeg>` "
-                "as POST /v1/process answered it"
+                "as POST /v1/process answered it, or a kept picture by its URL"
             )
-        parsed.append((match.group(1), match.group(2)))
+        parsed.append((result_object(match.group(1), match.group(2)), last))
     return list(dict.fromkeys(parsed))
 
 
@@ -154,7 +162,8 @@ HashField = Annotated[
     str | None, Form(description="sha256 of the original photo, processed here recently, instead of `image`.")
 ]
 ResultsField = Annotated[
-    str | None, Form(description="Results to keep: their URLs or `<key>.<ext>` names, comma- or space-separated.")
+    str | None,
+    Form(description="Results to keep (URLs or `<key>.<ext>` names) or kept pictures to keep longer (their URLs)."),
 ]
 TierField = Annotated[
     str, Form(description="temporary (7 d) | order_pending (30 d) | order_completed (180 d) | archived (730 d)")
@@ -190,23 +199,25 @@ async def keep(
     if original is None and not wanted:
         raise InvalidParameter("nothing to keep: send the photo (`image` or `image_sha256`) and/or `results`")
 
-    found = await asyncio.gather(*(_read(store, result_object(key, ext)) for key, ext in wanted))
-    missing = [f"{key}.{ext}" for (key, ext), data in zip(wanted, found, strict=True) if data is None]
+    found = await asyncio.gather(*(_read(store, name) for name, _ in wanted))
+    missing = [answered for (_, answered), data in zip(wanted, found, strict=True) if data is None]
     if missing:
         raise ResultNotFound(
             f"no stored result {', '.join(missing)}; results are cached for a limited time, so keep them when "
-            "the order is placed, or process the photo again"
+            "they are added to the cart, or process the photo again"
         )
 
     until = _until(days)
-    pictures = [Picture(data, ext) for (_, ext), data in zip(wanted, found, strict=True) if data is not None]
-    kept = await asyncio.gather(
-        *(_keep(store, picture, until) for picture in [*pictures, *([original] if original else [])])
-    )
+    pictures = [
+        Picture(data, answered.rsplit(".", 1)[1]) for (_, answered), data in zip(wanted, found, strict=True) if data
+    ]
+    if original is not None:
+        pictures.append(original)
+    kept = await asyncio.gather(*(_keep(store, picture, until) for picture in pictures))
     answer: dict[str, Any] = {
         "tier": tier_name,
         "days": days,
-        "results": {f"{key}.{ext}": entry for (key, ext), entry in zip(wanted, kept, strict=False)},
+        "results": {answered: entry for (_, answered), entry in zip(wanted, kept, strict=False)},
     }
     if original is not None:
         answer["original"] = kept[-1]
