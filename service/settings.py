@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -73,6 +74,9 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://localhost:8080", "http://127.0.0.1:8080"]
     )
+    # Origins matched by a regular expression (whole origin), on top of the list: Shopify's theme
+    # previews come from a new `https://<id>.shopifypreview.com` origin every few days. Empty: none.
+    allowed_origin_regex: str = ""
 
     # Operations (docs/operations.md). Rate limits are per client and route family, in the
     # `limits` notation ("30/minute", "5/second;100/hour").
@@ -112,6 +116,15 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_origin_regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"allowed_origin_regex is not a regular expression: {exc}") from exc
         return value
 
     @field_validator("diffusion_effects")
