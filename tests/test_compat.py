@@ -328,3 +328,32 @@ def test_remove_background_answers_the_cutout_as_image_bytes(
         415,
         "unsupported_image",
     )
+
+
+def test_json_answers_are_gzipped_for_clients_that_take_it(
+    client_factory: Callable[..., TestClient], models_dir: Path
+) -> None:
+    from service.routes.compat import accepts_gzip
+
+    assert accepts_gzip("gzip, deflate, br, zstd") and accepts_gzip("br;q=1.0, gzip;q=0.5") and accepts_gzip("*")
+    assert not accepts_gzip("") and not accepts_gzip("identity") and not accepts_gzip("gzip;q=0")
+    assert not accepts_gzip("br, gzip;q=nonsense")
+
+    client = client_factory(models_dir=models_dir)
+    assert client.get("/ready").status_code == 200, client.get("/ready").text
+    photo = images.jpeg(64, 48, seed=9)
+    plain = storefront_post_with(client, photo, {"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers
+    assert "Accept-Encoding" in plain.headers["vary"].split(", ")
+    packed = storefront_post_with(client, photo, {"Accept-Encoding": "gzip, deflate, br, zstd"})
+    assert packed.headers["content-encoding"] == "gzip"
+    assert int(packed.headers["content-length"]) < len(plain.content)
+    assert packed.json()["effects"] == plain.json()["effects"]  # httpx undoes the gzip, as a browser does
+
+
+def storefront_post_with(client: TestClient, data: bytes, headers: dict[str, str]) -> Any:
+    return client.post(
+        STOREFRONT_URL,
+        files={"file": ("IMG_0042.jpg", data, "image/jpeg")},
+        headers={"Origin": ORIGIN, **headers},
+    )

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
+import json
 import logging
 import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Query, Request, UploadFile
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from cache.store import IMMUTABLE_CACHE_CONTROL
 from service.deps import FlowDep, SettingsDep
@@ -203,14 +205,41 @@ async def process_with_effects(
         "failed_effects": None,
         "progressive_mode": load_single_effect,
     }
-    return JSONResponse(
-        body,
-        headers={
-            "Cache-Control": "no-store",
-            "X-Processing-Time": str(processing_time.get("total", 0.0)),
-            "X-Cache-Hits": str(hits),
-        },
-    )
+    compress = accepts_gzip(request.headers.get("accept-encoding", ""))
+    content = await asyncio.to_thread(_json_bytes, body, compress)
+    headers = {
+        "Cache-Control": "no-store",
+        "Vary": "Accept-Encoding",
+        "X-Processing-Time": str(processing_time.get("total", 0.0)),
+        "X-Cache-Hits": str(hits),
+    }
+    if compress:
+        headers["Content-Encoding"] = "gzip"
+    return Response(content=content, media_type="application/json", headers=headers)
+
+
+def accepts_gzip(accept_encoding: str) -> bool:
+    """Whether `Accept-Encoding` takes gzip (browsers always send it); `;q=0` refuses it."""
+    for item in accept_encoding.split(","):
+        token, _, parameters = item.partition(";")
+        if token.strip().lower() not in ("gzip", "*"):
+            continue
+        quality = parameters.strip().lower().removeprefix("q=")
+        try:
+            return not parameters.strip() or float(quality) > 0
+        except ValueError:
+            return False
+    return False
+
+
+def _json_bytes(body: dict[str, Any], compress: bool) -> bytes:
+    """The JSON answer; gzipped (fast level) when the client takes it, as the old services' answers were.
+
+    Base64 spends 4 characters on 3 bytes; gzip wins most of that back: about a quarter fewer
+    bytes to the customer's phone, for about 45 ms of CPU per megabyte on a laptop-class core.
+    """
+    data = json.dumps(body, separators=(",", ":")).encode()
+    return gzip.compress(data, compresslevel=1, mtime=0) if compress else data
 
 
 def _encode_all(outcome: ProcessOutcome, pairs: list[tuple[str, str]], fmt: str) -> dict[str, str]:
