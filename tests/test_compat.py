@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -201,8 +202,9 @@ def decode_effect(value: str) -> tuple[str, Image.Image]:
 
 
 def test_every_request_shape_the_theme_builds_is_answered(
-    client_factory: Callable[..., TestClient], models_dir: Path
+    client_factory: Callable[..., TestClient], models_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="cutout.compat")
     client = client_factory(models_dir=models_dir)
     assert client.get("/ready").status_code == 200, client.get("/ready").text
     photo = images.jpeg(72, 56, seed=5)
@@ -264,6 +266,9 @@ def test_every_request_shape_the_theme_builds_is_answered(
     )
     assert extra.status_code == 200, extra.text
     assert extra.json()["session_id"] == "s-9"
+    ignored = [r.getMessage() for r in caplog.records if r.name == "cutout.compat"]
+    assert any("'utm_source', 'pet_name'" in line for line in ignored), ignored
+    assert not any("Rex" in line or "quality" in line for line in ignored), "names only, and only undeclared ones"
     assert extra.json()["effects"] == pet_processor["effects"]
 
     # No session id sent: one is made up, as the InSPyReNet service did.
