@@ -5,6 +5,10 @@ browser applies real CORS. Between the browser and the service sits a recording 
 answers the first upload with `429 Retry-After: 1` (the service's own limiter allows far more
 than this test sends) and forwards everything else; the browser's own request log and the
 proxy's recording both show what went over the wire.
+
+The production theme's callers (docs/storefront.md, "Theme compatibility") get the same setup:
+each one's request rebuilt in `browser/theme-callers.js`, run in the page, compared on the wire
+with what the theme writes, and its answer read the way the theme reads it.
 """
 
 from __future__ import annotations
