@@ -18,7 +18,8 @@ from service import operations
 from service.admission import Admission, AdmissionMiddleware, IdleMemoryRelease
 from service.errors import install_error_handlers
 from service.flow import Flow
-from service.routes import compat, meta, process, results
+from service.links import LinkBaseMiddleware
+from service.routes import compat, meta, orders, process, results
 from service.settings import Settings, get_settings
 from service.upload import UploadLimitMiddleware
 
@@ -36,8 +37,9 @@ def build_store(settings: Settings) -> ResultStore:
             timeout_s=settings.gcs_timeout_s,
             retry_deadline_s=settings.gcs_retry_deadline_s,
             failure_cooldown_s=settings.gcs_failure_cooldown_s,
+            kept_max_age_days=settings.kept_max_age_days,
         )
-    return LocalStore(settings.cache_dir, settings.public_url)
+    return LocalStore(settings.cache_dir, settings.public_url, default_url=f"http://{settings.host}:{settings.port}")
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -104,9 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(results.router)
     app.include_router(meta.router)
     app.include_router(compat.router)
+    app.include_router(orders.router)
     # The storefront client (`cutout.js`) and its demo page: plain files, no build step.
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(LinkBaseMiddleware)  # local links follow the host and port the client used
     # Outside the upload guard, inside the rate limit: refusals come before the body is read.
     app.add_middleware(AdmissionMiddleware, admission=admission)
     operations.install(app, settings)  # rate limits, access log, tracing, /warmup, /metrics

@@ -394,3 +394,27 @@ variable "github_repository" {
     error_message = "github_repository must look like owner/name."
   }
 }
+
+# ---------------------------------------------------------------- kept pictures (storage.tf)
+
+variable "upload_retention_days" {
+  description = "Days a processed photo is held under uploads/ so an order can keep it by its sha256 (POST /v1/keep with image_sha256); after that the photo must be sent again."
+  type        = number
+  default     = 7
+
+  validation {
+    condition     = var.upload_retention_days >= 1 && floor(var.upload_retention_days) == var.upload_retention_days
+    error_message = "upload_retention_days must be a whole number of days, 1 or more."
+  }
+}
+
+variable "kept_max_age_days" {
+  description = "Backstop: a kept picture (kept/) is deleted this many days after it was last written, whatever its keep-until date. Longer than the longest tier (archived, 730 days); the service (CUTOUT_KEPT_MAX_AGE_DAYS, same default) renews an object whose keep needs longer."
+  type        = number
+  default     = 1095
+
+  validation {
+    condition     = var.kept_max_age_days >= 732 && floor(var.kept_max_age_days) == var.kept_max_age_days
+    error_message = "kept_max_age_days must be a whole number of days, at least 732 (the archived tier plus the lifecycle's day of grace)."
+  }
+}

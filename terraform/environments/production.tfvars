@@ -23,6 +23,8 @@ deletion_protection           = true
 # serving revision can each scale to max_instances during a release).
 gpu_quota = 8
 
+# Processed photos held for an order to keep by hash (kept pictures live by their own dates).
+upload_retention_days = 7
 result_retention_days = 30
 
 armor_rate_limit = {
