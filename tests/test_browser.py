@@ -317,6 +317,7 @@ def test_the_theme_callers_get_what_they_read_from_another_origin(tmp_path: Path
                 )
                 process_posts = posts(proxy, PROCESS_WITH_EFFECTS)
                 remove_posts = posts(proxy, "/remove-background")
+                store_posts = posts(proxy, "/store-image")
                 warmups = proxy.recorded(lambda r: r.path == "/warmup")
     print(json.dumps({k: v for k, v in report.items() if k != "console"}, indent=1)[:6000])
     errors = [line for line in report["console"] if line.startswith("pageerror")]
@@ -390,6 +391,65 @@ def test_the_theme_callers_get_what_they_read_from_another_origin(tmp_path: Path
         assert outcome["returnedIsColor"] is True
         for name, shown in outcome["shown"].items():
             assert (shown["loaded"], shown["width"], shown["height"]) == (True, 500, 400), (label, name, shown)
+
+    # The pictures kept for fulfilment (POST /store-image; the route is described in "Keeping an
+    # order's pictures"): every caller's form as the theme writes it, and a link that loads.
+    def fields(request: Recorded) -> list[tuple[str, str]]:
+        return [(p.name, p.data.decode() if p.filename is None else f"<{p.content_type}>") for p in form_parts(request)]
+
+    assert len(store_posts) == 6, [r.target for r in store_posts]
+    pet_bw, pet_color, pet_original, inline_color, inline_original, stitch = store_posts
+    for request, effect in ((pet_bw, "enhancedblackwhite"), (pet_color, "color")):
+        assert fields(request) == [
+            ("file", "<image/png>"),
+            ("session_id", "pet_1"),
+            ("image_type", f"processed_{effect}"),
+            ("tier", "temporary"),
+            ("pet_name", "Rex"),
+            ("effect_applied", effect),
+        ]
+        assert re.fullmatch(rf"pet_1_processed_{effect}_\d{{13}}\.png", form_parts(request)[0].filename or "")
+    assert fields(pet_original) == [
+        ("file", "<image/jpeg>"),
+        ("session_id", "pet_1"),
+        ("image_type", "original"),
+        ("tier", "temporary"),
+        ("effect_applied", "source"),
+    ]
+    assert form_parts(pet_original)[0].data == Path(photos["large"]).read_bytes()
+    assert fields(inline_color) == [
+        ("file", "<image/png>"),
+        ("session_id", "inline_1"),
+        ("image_type", "processed_color"),
+        ("tier", "temporary"),
+    ]
+    assert form_parts(inline_color)[0].filename == "inline_1_color.png"
+    assert fields(inline_original) == [
+        ("file", "<image/jpeg>"),
+        ("session_id", "inline_1"),
+        ("image_type", "original"),
+        ("tier", "temporary"),
+    ]
+    assert fields(stitch) == [
+        ("file", "<image/png>"),
+        ("image_type", "original"),
+        ("tier", "temporary"),
+        ("session_id", "stitch_1"),
+    ]
+    assert all(r.status == 200 for r in store_posts), [r.status for r in store_posts]
+    expected_sizes = {
+        ("petProcessor", "enhancedblackwhite"): (1600, 1200),
+        ("petProcessor", "color"): (1600, 1200),
+        ("petProcessor", "original"): (2000, 1500),
+        ("inlinePreview", "color"): (640, 480),
+        ("inlinePreview", "original"): (640, 480),
+    }
+    for (caller, name), size in expected_sizes.items():
+        kept = report[caller]["kept"][name]
+        assert kept["url"], (caller, name, kept)
+        assert (kept["shown"]["loaded"], kept["shown"]["width"], kept["shown"]["height"]) == (True, *size), kept
+    assert report["stitch"]["success"] is True and report["stitch"]["shown"]["loaded"] is True, report["stitch"]
+    assert (report["stitch"]["shown"]["width"], report["stitch"]["shown"]["height"]) == (500, 400)
 
     # assets/api-client.js warmup: a preflighted POST (JSON content type) the browser let through.
     preflight, warm = warmups[0], warmups[1]

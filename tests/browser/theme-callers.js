@@ -243,6 +243,114 @@
     }
   }
 
+  // assets/pet-processor.js `uploadToGCS(dataUrl, sessionKey, imageType, effect)` (lines 3710-3760):
+  //   formData.append('file', blob, `${sessionKey}_${imageType}_${effect}_${Date.now()}.png`);
+  //   'session_id', 'image_type' ('original' | `processed_${effect}`), 'tier' ('temporary'),
+  //   'pet_name' when the pet has one, 'effect_applied' unless the effect is 'none';
+  //   fetch(`${host}/store-image`, {method: 'POST', body: formData}); reads `result.success && result.url`.
+  // `uploadOriginalToGCS(file, sessionKey)` (lines 3784-3806) reads the file as a data URL and calls it
+  // with ('original', 'source').
+  async function petProcessorUploadToGCS(dataUrl, sessionKey, imageType, effect = "none", petName = null) {
+    const response = await fetch(dataUrl);
+    const blob = await response.blob();
+    const formData = new FormData();
+    const filename = `${sessionKey}_${imageType}_${effect}_${Date.now()}.png`;
+    formData.append("file", blob, filename);
+    formData.append("session_id", sessionKey);
+    formData.append("image_type", imageType === "original" ? "original" : `processed_${effect}`);
+    formData.append("tier", "temporary");
+    if (petName) {
+      formData.append("pet_name", petName);
+    }
+    if (effect && effect !== "none") {
+      formData.append("effect_applied", effect);
+    }
+    const uploadResponse = await fetch(`${API}/store-image`, { method: "POST", body: formData });
+    if (!uploadResponse.ok) {
+      return { url: null, status: uploadResponse.status, text: await uploadResponse.text() };
+    }
+    const result = await uploadResponse.json();
+    return { url: result.success && result.url ? result.url : null };
+  }
+
+  async function petProcessorUploadOriginal(file, sessionKey) {
+    const dataUrl = await readAsDataURL(file);
+    return petProcessorUploadToGCS(dataUrl, sessionKey, "original", "source");
+  }
+
+  // assets/inline-preview-mvp.js `uploadEffectToGCS` (lines 1533-1562) makes
+  // new File([blob], `${sessionKey}_${effectName}.png`, {type: 'image/png'}) from the data URL and,
+  // without the direct-upload handler, calls `uploadViaInSPyReNet` (lines 1571-1597):
+  //   'file' (file, file.name), 'session_id', 'image_type' (`processed_${effectName}`), 'tier' ('temporary');
+  // `uploadOriginalToGCS(file, sessionKey)` (lines 1605-1644) sends the same fields with 'original'.
+  // Both read `result.success` / `result.url`.
+  async function inlinePreviewUploadEffect(dataUrl, sessionKey, effectName) {
+    const response = await fetch(dataUrl);
+    const blob = await response.blob();
+    const file = new File([blob], `${sessionKey}_${effectName}.png`, { type: "image/png" });
+    const formData = new FormData();
+    formData.append("file", file, file.name);
+    formData.append("session_id", sessionKey);
+    formData.append("image_type", `processed_${effectName}`);
+    formData.append("tier", "temporary");
+    const uploadResponse = await fetch(`${API}/store-image`, { method: "POST", body: formData });
+    if (!uploadResponse.ok) {
+      throw new Error(`HTTP ${uploadResponse.status}`);
+    }
+    const result = await uploadResponse.json();
+    return { url: result.success ? result.url : null };
+  }
+
+  async function inlinePreviewUploadOriginal(file, sessionKey) {
+    const formData = new FormData();
+    formData.append("file", file, file.name);
+    formData.append("session_id", sessionKey);
+    formData.append("image_type", "original");
+    formData.append("tier", "temporary");
+    const uploadResponse = await fetch(`${API}/store-image`, { method: "POST", body: formData });
+    if (!uploadResponse.ok) {
+      throw new Error(`HTTP ${uploadResponse.status}`);
+    }
+    const result = await uploadResponse.json();
+    return { url: result.success && result.url ? result.url : null };
+  }
+
+  // snippets/ks-product-pet-selector-stitch.liquid `uploadToServer(file, petIndex, retryCount)`
+  // (lines 2397-2450), its fallback after the direct upload to another host fails:
+  //   'file' (file, file.name), 'image_type' ('original'), 'tier' ('temporary'), 'session_id';
+  //   fetch(`${host}/store-image`, {method: 'POST', body: formData, signal: AbortSignal.timeout(30000)})
+  // up to 3 attempts (0 s, 1 s, 3 s apart); reads `result.success && result.url`.
+  async function stitchUploadToServer(file, sessionId, retryCount = 0) {
+    const maxRetries = 3;
+    const retryDelays = [0, 1000, 3000];
+    try {
+      const formData = new FormData();
+      formData.append("file", file, file.name);
+      formData.append("image_type", "original");
+      formData.append("tier", "temporary");
+      formData.append("session_id", sessionId);
+      const response = await fetch(`${API}/store-image`, {
+        method: "POST",
+        body: formData,
+        signal: AbortSignal.timeout(30000),
+      });
+      if (!response.ok) {
+        throw new Error(`Upload failed: ${response.status}`);
+      }
+      const result = await response.json();
+      if (result.success && result.url) {
+        return { success: true, url: result.url };
+      }
+      throw new Error("No URL in response");
+    } catch (error) {
+      if (retryCount < maxRetries - 1) {
+        await new Promise((resolve) => setTimeout(resolve, retryDelays[retryCount + 1]));
+        return stitchUploadToServer(file, sessionId, retryCount + 1);
+      }
+      return { success: false, url: null, error: String(error) };
+    }
+  }
+
   // How the theme shows a result: as an <img src>. Resolves with what the browser decoded.
   function show(src) {
     return new Promise((resolve) => {
@@ -272,6 +380,11 @@
 
   window.ThemeCallers = {
     petProcessorCallAPI,
+    petProcessorUploadToGCS,
+    petProcessorUploadOriginal,
+    inlinePreviewUploadEffect,
+    inlinePreviewUploadOriginal,
+    stitchUploadToServer,
     petProcessorResegment,
     inlinePreviewRemoveBackground,
     APIClient,

@@ -65,7 +65,14 @@ try {
        for (const [name, url] of Object.entries(out.dataUrls)) {
          shown[name] = { ...(await T.show(url)), transparency: await T.transparency(url), prefix: url.slice(0, 22) };
        }
-       return { sent: out.sent, keys: Object.keys(out.dataUrls), shown, gemini: await T.show(out.geminiInput) };`,
+       // Then the pictures kept for fulfilment, as callAPI does in the background.
+       const kept = {};
+       for (const [name, url] of Object.entries(out.dataUrls)) {
+         kept[name] = await T.petProcessorUploadToGCS(url, "pet_1", "processed", name, "Rex");
+       }
+       kept.original = await T.petProcessorUploadOriginal(file("large"), "pet_1");
+       for (const entry of Object.values(kept)) if (entry.url) entry.shown = await T.show(entry.url);
+       return { sent: out.sent, keys: Object.keys(out.dataUrls), shown, gemini: await T.show(out.geminiInput), kept };`,
     );
     result.resegment = await run(
       page,
@@ -79,7 +86,12 @@ try {
       `const effects = await T.inlinePreviewRemoveBackground(file("small"));
        const shown = {};
        for (const [name, url] of Object.entries(effects)) shown[name] = await T.show(url);
-       return { keys: Object.keys(effects), shown };`,
+       const kept = {
+         color: await T.inlinePreviewUploadEffect(effects.color, "inline_1", "color"),
+         original: await T.inlinePreviewUploadOriginal(file("small"), "inline_1"),
+       };
+       for (const entry of Object.values(kept)) if (entry.url) entry.shown = await T.show(entry.url);
+       return { keys: Object.keys(effects), shown, kept };`,
     );
     for (const [label, useBirefnet] of [["apiClientBirefnet", true], ["apiClientInspyrenet", false]]) {
       result[label] = await run(
@@ -92,6 +104,12 @@ try {
                   keys: Object.keys(client.effectUrls), shown };`,
       );
     }
+    result.stitch = await run(
+      page,
+      `const out = await T.stitchUploadToServer(file("png"), "stitch_1");
+       if (out.url) out.shown = await T.show(out.url);
+       return out;`,
+    );
     result.apiClientWarmup = await run(page, `return { modelReady: await new T.APIClient(true).warmup() };`);
     await page.close();
 
