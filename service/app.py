@@ -54,6 +54,22 @@ def build_engine(settings: Settings) -> Engine:
     )
 
 
+def _loading_finished(app: FastAPI, task: asyncio.Task[None]) -> None:
+    """The staged start ended. If it crashed (a bug: every model failure is caught inside it), the
+    process cannot serve: it asks the server to exit with status 3, so Cloud Run restarts it."""
+    if task.cancelled() or task.exception() is None:
+        return
+    exc = task.exception()
+    log.critical("model loading crashed; the process cannot serve and exits", exc_info=exc)
+    fail = getattr(app.state, "fail", None)
+    if fail is not None:
+        fail(EXIT_CANNOT_SERVE)
+
+
+# The exit status of a process that cannot serve, as uvicorn's own for a failed lifespan start-up.
+EXIT_CANNOT_SERVE = 3
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -65,8 +81,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.engine = engine
         app.state.flow = Flow(engine, store, settings)
-        # Models load in the background so /health answers at once; /ready tells when they are warm.
-        loading = asyncio.create_task(engine.start(), name="cutout-model-loading")
+        # Models load in the background, the cutout model first (effects.engine.Engine.start), so
+        # /health answers at once and /ready turns 200 as soon as the storefront's work can run.
+        loading = asyncio.create_task(
+            engine.start(storefront_idle=lambda: admission.in_flight == 0), name="cutout-model-loading"
+        )
+        loading.add_done_callback(lambda task: _loading_finished(app, task))
         app.state.loading = loading
         running = operations.start(app, settings, engine)
         memory = IdleMemoryRelease(admission)
@@ -86,7 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await engine.stop()
-            store.close()
+            try:
+                async with asyncio.timeout(2.0):
+                    await operations.off_the_loop(store.close, "store-close")
+            except TimeoutError:
+                log.warning("closing the result store took over 2 s; left behind")
 
     app = FastAPI(
         title="Cutout",

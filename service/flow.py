@@ -32,8 +32,8 @@ from service.errors import (
     GpuOutOfMemory,
     ImageNotCached,
     InvalidParameter,
+    ModelLoading,
     ModelUnavailable,
-    NotReady,
     UnknownEffect,
 )
 from service.settings import Settings
@@ -226,7 +226,7 @@ class Flow:
             for name in names:
                 self.engine.check_available(EFFECTS[name])
         except ModelNotReady as exc:
-            raise NotReady(str(exc), retry_after=5) from exc
+            raise ModelLoading(str(exc), retry_after=5) from exc
         except ModelMissing as exc:
             raise ModelUnavailable(str(exc), retry_after=60) from exc
 

@@ -170,7 +170,8 @@ class AccessLogMiddleware:
             fields["gpu_seconds"] = round(record.gpu_seconds, 4)
         if record.upload_bytes:
             fields["upload_bytes"] = record.upload_bytes
-        level = logging.ERROR if status >= 500 else logging.INFO
+        # A 503 from /ready is the startup probe's "not yet" (or a draining instance): expected, not an error.
+        level = logging.ERROR if status >= 500 and record.path != "/ready" else logging.INFO
         access_log.log(level, "%s %s %d %.0f ms", record.method, record.path, status, latency_ms, extra=fields)
 
 

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
     rate_limit_process: str = "30/minute"
     rate_limit_read: str = "600/minute"
+    # POST /warmup without a credential (the storefront wakes the service from a browser).
+    rate_limit_wake: str = "10/minute"
     # POST /warmup: the shared token in `X-Warmup-Token`, or a Google-signed OIDC token (Cloud
     # Scheduler) for this audience, signed as this service account.
     warmup_token: str = ""
@@ -163,7 +165,7 @@ class Settings(BaseSettings):
             raise ValueError("CUTOUT_CACHE_BACKEND=gcs needs CUTOUT_CDN_URL (the CDN base URL serving /cache/*)")
         return self
 
-    @field_validator("rate_limit_process", "rate_limit_read")
+    @field_validator("rate_limit_process", "rate_limit_read", "rate_limit_wake")
     @classmethod
     def _parse_rate_limit(cls, value: str) -> str:
         from limits import parse_many

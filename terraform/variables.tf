@@ -171,14 +171,16 @@ variable "startup_probe" {
     timeout_seconds       = number
     failure_threshold     = number
   })
-  # 48 x 5 s = 240 s, twice the ~120 s an L4 cold start of the cutout stage is estimated to take
-  # (image pull, imports, 0.2 GB of weights; /ready does not wait for the diffusion pipelines), probed
-  # every 5 s so a ready instance gets traffic within seconds of loading.
+  # 120 x 2 s = 240 s (Cloud Run's most), far above the ~13-15 s an L4 cold start of the cutout stage
+  # is estimated to take (docs/capacity.md, "Cold start": imports, 0.2 GB of weights, one warm forward;
+  # /ready does not wait for the diffusion pipelines). Probed every 2 s so an instance takes traffic
+  # within 2 s of the cutout model being warm; a probe that times out while the process is busy
+  # importing only spends one of the 120 tries.
   default = {
     initial_delay_seconds = 0
-    period_seconds        = 5
-    timeout_seconds       = 4
-    failure_threshold     = 48
+    period_seconds        = 2
+    timeout_seconds       = 2
+    failure_threshold     = 120
   }
 
   validation {

@@ -452,11 +452,14 @@ def test_the_theme_callers_get_what_they_read_from_another_origin(tmp_path: Path
     assert (report["stitch"]["shown"]["width"], report["stitch"]["shown"]["height"]) == (500, 400)
 
     # assets/api-client.js warmup: a preflighted POST (JSON content type) the browser let through.
-    preflight, warm = warmups[0], warmups[1]
+    # Answered at once with readiness (no credential, no forward pass): `model_ready` is true.
+    preflight, warm = warmups
     assert (preflight.method, preflight.status) == ("OPTIONS", 200)
     assert "content-type" in preflight.headers.get("Access-Control-Request-Headers", "").lower()
     assert warm.method == "POST" and warm.headers.get("Content-Type") == "application/json"
     assert warm.body == b"[object Object]"
+    assert warm.status == 200
+    assert report["apiClientWarmup"] == {"modelReady": True}, report["apiClientWarmup"]
 
     # From an origin the service does not list, the browser withholds the answer.
     assert report["stranger"] == {"error": "Failed to fetch", "name": "TypeError"}, report["stranger"]
