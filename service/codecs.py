@@ -36,6 +36,7 @@ import io
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -131,7 +132,10 @@ def shrink(decoded: Decoded, max_size: int, min_side: int = 0) -> np.ndarray:
         return pixels
     if min(height, width) < min(min_side, decoded.full_height, decoded.full_width):
         return pixels
-    source = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)  # channels-last
+    with warnings.catch_warnings():
+        # Decoded pixels may be read-only views; they are only read here.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        source = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).unsqueeze(0)  # channels-last
     with torch.inference_mode():
         resized = F.interpolate(source, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
     return np.ascontiguousarray(resized[0].permute(1, 2, 0).numpy())
@@ -306,8 +310,6 @@ def orient_tensor(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 def _nvjpeg(data: bytes, device: torch.device, orientation: int) -> torch.Tensor:
     """Decode a JPEG with nvJPEG into a (3, H, W) uint8 tensor on `device`, oriented. CUDA only."""
-    import warnings
-
     from torchvision.io import ImageReadMode, decode_jpeg
 
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
