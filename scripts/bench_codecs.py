@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import hashlib
 import io
+import logging
 import os
 import statistics
 import sys
@@ -146,14 +147,18 @@ def quantise(image: torch.Tensor) -> np.ndarray:
 def part_decode(runs: int) -> None:
     data = jpeg(real_photo("chelsea", TWELVE_MP))
     rows = []
-    for max_size in (2048, 1024):
+    for max_size, needs_mask in ((2048, True), (1024, True), (1024, False)):
         old = timed(lambda m=max_size: old_working(data, m), runs)
-        new = timed(lambda m=max_size: new_working(data, m), runs)
-        decoder = codecs.decode(data, BIG, max_size, codecs.MASK_INPUT_SIDE).decoder
-        for name, samples in (("old: Pillow + float resize", old), (f"new: {decoder} + 8-bit resize", new)):
+        new = timed(lambda m=max_size, k=needs_mask: new_working(data, m, k), runs)
+        decoder = codecs.decode(data, BIG, max_size, codecs.MASK_INPUT_SIDE if needs_mask else 0).decoder
+        shrunk = max_size == 2048 or not needs_mask
+        new_name = f"new: {decoder} + " + ("8-bit resize" if shrunk else "float resize (mask needs 1024 px)")
+        for name, samples in (("old: Pillow + float resize", old), (new_name, new)):
             low, median = stats(samples)
             ratio = statistics.median(old) / median
-            rows.append([str(max_size), name, f"{low:.0f}", f"{median:.0f}", f"{ratio:.2f}x"])
+            rows.append(
+                [f"{max_size}{'' if needs_mask else ', no mask'}", name, f"{low:.0f}", f"{median:.0f}", f"{ratio:.2f}x"]
+            )
     table(
         f"Decode a {TWELVE_MP[0]} x {TWELVE_MP[1]} JPEG ({len(data) / 1e6:.1f} MB) to the working image, "
         f"{runs} runs, target >= 3x at 2048",
@@ -345,12 +350,26 @@ def part_encode(runs: int) -> dict[str, float]:
         ["encoder", "how", "min ms", "median ms", "MB", "bytes/zlib3", "identical", "ratio"],
         rows,
     )
+    chosen = candidates["imagecodecs libpng+zlib-ng 1 Sub (new)"]
+    per_result = [len(chosen(p)) / len(imaging.encode(p, "png", 3)) for p in results]
+    names = ("cutout", "blackwhite", "dithering", "popart", "retro8bit")
+    print(
+        "new encoder's bytes / zlib 3, per result: "
+        + ", ".join(f"{n} {r:.2f}" for n, r in zip(names, per_result, strict=True))
+    )
     print("not installed / not available: " + ", ".join(missing))
     return measured
 
 
 def part_formats(runs: int) -> None:
     pixels = five_results()[0]
+    visible = pixels[:, :, 3] > 0
+
+    def psnr(data: bytes) -> float:
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGBA")).astype(np.float64)
+        error = ((decoded[..., :3] - pixels[..., :3]) ** 2)[visible].mean()
+        return float(10 * np.log10(255.0**2 / error))
+
     rows = []
     for method in range(7):
         image = Image.fromarray(pixels, "RGBA")
@@ -361,12 +380,15 @@ def part_formats(runs: int) -> None:
             return buffer.getvalue()
 
         low, median = stats(timed(webp, runs))
+        used = " (new)" if method == codecs.WEBP_METHOD else " (before)" if method == 4 else ""
+        encoded = webp()
         rows.append(
             [
-                f"WebP quality 90 method {method}" + (" (used)" if method == 4 else ""),
+                f"WebP quality 90 method {method}{used}",
                 f"{low:.0f}",
                 f"{median:.0f}",
-                f"{len(webp()) / 1e6:.2f}",
+                f"{len(encoded) / 1e6:.2f}",
+                f"{psnr(encoded):.2f}",
             ]
         )
     opaque = pixels.copy()
@@ -378,11 +400,12 @@ def part_formats(runs: int) -> None:
             f"{low:.0f}",
             f"{median:.0f}",
             f"{len(codecs.encode(opaque, 'jpeg')) / 1e6:.2f}",
+            "",
         ]
     )
     table(
-        f"One {RESULT[0]} x {RESULT[1]} result in the other formats, {runs} runs",
-        ["format", "min ms", "median ms", "MB"],
+        f"One {RESULT[0]} x {RESULT[1]} result in the other formats, {runs} runs (PSNR of the visible pixels)",
+        ["format", "min ms", "median ms", "MB", "PSNR dB"],
         rows,
     )
 
@@ -433,6 +456,7 @@ def part_request(runs: int, encode_ms: dict[str, float]) -> None:
         times: dict[str, list[float]] = {"old": [], "new": []}
         stages: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
         with TestClient(create_app(settings)) as client:
+            logging.disable(logging.INFO)  # no access log lines between the tables
             while client.get("/ready").status_code != 200:
                 time.sleep(0.1)
             counter = 0
