@@ -21,7 +21,7 @@ Decoding (`decode`, `load`):
   fixed point, within 1/255 of its float result); on a GPU the engine resizes on the device.
 
 Encoding (`encode`, `encode_async`, `encode_many`): PNG through libpng with zlib-ng
-(`imagecodecs`) at the configured zlib level with the Sub row filter instead of Pillow's
+(`imagecodecs`) at the configured zlib level with the Up row filter instead of Pillow's
 per-row adaptive filter search; JPEG (libjpeg-turbo) through Pillow as before, WebP through
 Pillow at a faster `method`. Same PNG modes as before (greyscale results as L/LA, opaque ones
 without alpha), no metadata, and the decoded PNG pixels are identical. Encodes run on a pool
@@ -63,7 +63,7 @@ JPEG_SCALES = (8, 4, 2)  # denominators: 1/8, 1/4, 1/2
 # later max_size: an image that needs a mask is never decoded or shrunk below S on its short side.
 MASK_INPUT_SIDE = max(MODEL_SIZES.values())
 ORIENTATION_TAG = 0x0112
-PNG_FILTER = imagecodecs.PNG.FILTER.SUB
+PNG_FILTER = imagecodecs.PNG.FILTER.UP
 # WebP's effort: method 2 writes the bytes of method 4 (the previous setting) at ~0.6x the time,
 # within 0.3 dB PSNR of it (docs/codecs.md, `formats` table).
 WEBP_QUALITY = 90
