@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -117,12 +118,26 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_same_seed_same_bytes_and_seed_changes_the_key(client: TestClient) -> None:
+def test_same_seed_same_bytes_and_seed_changes_the_key(
+    client_factory: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    # Two services with separate stores: the second computes afresh, so equal bytes mean a
+    # deterministic effect, not a cache hit.
+    first_service, second_service = client_factory(cache_dir=tmp_path / "a"), client_factory(cache_dir=tmp_path / "b")
     upload = images.jpeg(64, 64, seed=3)
-    a = post_process(client, upload, effects="blackwhite", background="none", seed=7).json()
-    b = post_process(client, upload, effects="blackwhite", background="none", seed=8).json()
-    assert a["results"]["blackwhite"]["key"] != b["results"]["blackwhite"]["key"]
-    assert b["results"]["blackwhite"]["cache"] == "miss"
+
+    def grain(client: TestClient, seed: int) -> tuple[str, bytes]:
+        body = post_process(client, upload, effects="blackwhite", background="none", seed=seed).json()
+        result = body["results"]["blackwhite"]
+        assert result["cache"] == "miss", body
+        return result["key"], client.get(f"/v1/results/{result['key']}.png").content
+
+    key_a, bytes_a = grain(first_service, 7)
+    key_b, bytes_b = grain(second_service, 7)
+    assert (key_a, bytes_a) == (key_b, bytes_b)
+    key_c, bytes_c = grain(second_service, 8)
+    assert key_c != key_a
+    assert bytes_c != bytes_a, "the grain must follow the seed"
 
 
 def test_hash_first_answers_from_the_store_or_asks_for_the_upload(client: TestClient) -> None:
