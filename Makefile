@@ -22,8 +22,12 @@ $(IAC_STAMP): requirements-iac.txt
 	$(IAC_VENV)/bin/pip install --disable-pip-version-check -r requirements-iac.txt
 	touch $@
 
-## Set up and serve on http://127.0.0.1:8080 with the local result store (CPU or GPU, no cloud credentials).
+## Set up, fetch the cutout weights if absent (not the diffusion pipelines: `make weights`), and serve on
+## http://127.0.0.1:8080 with the local result store (CPU or GPU, no cloud credentials). Offline, the fetch
+## says in one line how to get test weights, and the service starts anyway with what works without them.
+## A failed fetch (the leading `-`) never stops the server from starting.
 run: $(STAMP)
+	-@$(BIN)/python scripts/fetch_weights.py "$${CUTOUT_MODELS_DIR:-$(MODELS_DIR)}" --cutout-only --if-missing --offline-ok
 	$(BIN)/python -m service
 
 ## Set up and run every check: lint, types, infrastructure checks, and the whole test suite.

@@ -9,6 +9,10 @@ is remembered so that the rewrite replaces exactly that corrupt version and noth
 The client's own `STORAGE_EMULATOR_HOST` points it at an emulator (anonymous credentials);
 otherwise it uses Application Default Credentials (the Cloud Run service account).
 
+Kept pictures (`kept/<sha256>.<ext>`, see `keep`) carry their keep-until date as the object's
+Custom-Time, and the bucket's lifecycle (terraform/storage.tf) deletes an object a day after it:
+the date only ever moves later, which Cloud Storage itself enforces for Custom-Time.
+
 Storage failures raise `StoreError`, which the request flow counts and serves around. Calls
 are bounded: a short timeout per HTTP call, retries only until a short deadline, and after a
 failure the store is skipped for a cool-down, so a dead store costs one slow call, not one
@@ -18,12 +22,14 @@ per request.
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import logging
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 from google.api_core import exceptions as api_exceptions
@@ -32,7 +38,7 @@ from google.cloud import storage
 from google.cloud.storage import exceptions as storage_exceptions
 from google.cloud.storage.retry import DEFAULT_RETRY
 
-from cache.store import IMMUTABLE_CACHE_CONTROL, StoreError, check_object_name, image_info
+from cache.store import IMMUTABLE_CACHE_CONTROL, StoreError, check_kept, check_object_name, image_info, now_utc
 
 log = logging.getLogger("cutout.cache.gcs")
 
@@ -49,6 +55,7 @@ _STORAGE_FAILURES = (
 )
 _CONNECT_TIMEOUT_S = 3.0
 _REMEMBERED_CORRUPT = 1024
+_KEEP_ATTEMPTS = 4
 
 
 class GcsStore:
@@ -62,6 +69,7 @@ class GcsStore:
         timeout_s: float = 10.0,
         retry_deadline_s: float = 2.0,
         failure_cooldown_s: float = 15.0,
+        kept_max_age_days: int = 1095,
         client: storage.Client | None = None,
     ) -> None:
         if not bucket:
@@ -83,6 +91,9 @@ class GcsStore:
         self._timeout = (min(_CONNECT_TIMEOUT_S, timeout_s), timeout_s)
         self._retry = DEFAULT_RETRY.with_delay(initial=0.1, maximum=1.0, multiplier=2.0).with_timeout(retry_deadline_s)
         self._cooldown_s = failure_cooldown_s
+        # The bucket deletes kept objects this old whatever their date (a backstop); a keep that
+        # needs longer renews the object (same bytes, new generation), which restarts its age.
+        self._kept_max_age = dt.timedelta(days=kept_max_age_days)
         self._skip_until = 0.0
         self._lock = threading.Lock()
         # name -> generation of a version that failed verification: the one a repair may replace.
@@ -179,6 +190,76 @@ class GcsStore:
         # The load balancer routes /cache/* to the bucket; Cloud CDN caches it at the edge.
         return f"{self.cdn_url}/cache/results/{result_key}.{extension}"
 
+    def keep(self, name: str, data: bytes, content_type: str, until: dt.datetime) -> dt.datetime:
+        """Write or lengthen a kept object; the Custom-Time it carries afterwards.
+
+        Absent: uploaded with `ifGenerationMatch=0` and `customTime=until` in one request.
+        Present and sound: its Custom-Time is patched to `until` if that is later
+        (`ifMetagenerationMatch`, so two keeps racing re-read rather than overwrite).
+        Corrupt, or too old for the backstop age rule to spare it until `until`: the same
+        bytes are uploaded as a new generation (`ifGenerationMatch=<that generation>`).
+        """
+        check_kept(name, data)
+        until = until.astimezone(dt.UTC)
+        sha256 = hashlib.sha256(data).hexdigest()
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode("ascii")
+        spare = self._kept_max_age - dt.timedelta(days=1)
+        if until > now_utc() + spare:
+            raise StoreError(f"keep {name}: {until:%Y-%m-%d} is past what the bucket's backstop age rule allows")
+        for _ in range(_KEEP_ATTEMPTS):
+            existing = self._call("keep", name, partial(self._read_blob, name))
+            current = _custom_time(existing) if existing is not None else None
+            if existing is not None and _sound(existing, md5) and existing.time_created + spare >= until:
+                if current is not None and current >= until:
+                    return current
+                patched = self._call("keep", name, partial(self._patch_custom_time, existing, until))
+                if patched is not None:
+                    return patched
+                continue  # changed since it was read: read it again
+            generation = 0 if existing is None else int(existing.generation)
+            blob = self._bucket.blob(name)
+            blob.cache_control = IMMUTABLE_CACHE_CONTROL
+            blob.content_type = content_type
+            blob.custom_time = until if current is None else max(until, current)
+            blob.metadata = {"sha256": sha256, "md5": md5}
+            written = self._call("keep", name, partial(self._upload_kept, blob, data, content_type, generation))
+            if written is not None:
+                if generation:
+                    log.info("renewed kept object %s (replaced generation %d)", name, generation)
+                return written
+        raise StoreError(f"keep {name}: the object changed under every attempt; try again")
+
+    def _read_blob(self, name: str) -> storage.Blob | None:
+        blob: storage.Blob | None = self._bucket.get_blob(name, timeout=self._timeout, retry=self._retry)
+        return blob
+
+    def _upload_kept(self, blob: storage.Blob, data: bytes, content_type: str, generation: int) -> dt.datetime | None:
+        try:
+            blob.upload_from_string(
+                data,
+                content_type=content_type,
+                if_generation_match=generation,
+                timeout=self._timeout,
+                retry=self._retry,
+            )
+        except api_exceptions.PreconditionFailed:
+            return None
+        return _required_custom_time(blob)
+
+    def _patch_custom_time(self, blob: storage.Blob, until: dt.datetime) -> dt.datetime | None:
+        blob.custom_time = until
+        try:
+            blob.patch(if_metageneration_match=int(blob.metageneration), timeout=self._timeout, retry=self._retry)
+        except (api_exceptions.PreconditionFailed, api_exceptions.BadRequest):
+            # Another keep changed it first (metageneration), or set a later date than ours
+            # (Cloud Storage refuses to move a Custom-Time earlier): read it again.
+            return None
+        return _required_custom_time(blob)
+
+    def kept_url(self, name: str) -> str:
+        check_kept(name)
+        return f"{self.cdn_url}/cache/{name}"
+
     def close(self) -> None:
         self._client.close()
 
@@ -208,6 +289,24 @@ class GcsStore:
             self._corrupt.move_to_end(name)
             while len(self._corrupt) > _REMEMBERED_CORRUPT:
                 self._corrupt.popitem(last=False)
+
+
+def _custom_time(blob: storage.Blob) -> dt.datetime | None:
+    value: dt.datetime | None = blob.custom_time
+    return value
+
+
+def _required_custom_time(blob: storage.Blob) -> dt.datetime:
+    """The Custom-Time storage answered with (the client refreshes the blob from each answer)."""
+    value = _custom_time(blob)
+    if value is None:
+        raise StoreError(f"gs://{blob.bucket.name}/{blob.name} came back without the Custom-Time it was given")
+    return value
+
+
+def _sound(blob: storage.Blob, md5: str) -> bool:
+    """The stored bytes are the ones meant: storage's md5 matches the writer's and ours."""
+    return bool((blob.metadata or {}).get("md5") == blob.md5_hash == md5)
 
 
 def describe(exc: BaseException) -> str:

@@ -67,3 +67,17 @@ def result_object(result_key: str, extension: str) -> str:
 
 def mask_object(image_sha256: str, model_id: str) -> str:
     return f"masks/{image_sha256}-{model_id}.png"
+
+
+# Kept pictures (`POST /v1/keep`, `POST /store-image`): named by the sha256 of their own bytes, so
+# a name always means the same bytes and no upload can ever replace another's picture.
+KEPT_EXTENSIONS = {"JPEG": "jpeg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "HEIF": "heic"}
+
+
+def kept_object(data_sha256: str, extension: str) -> str:
+    return f"kept/{data_sha256}.{extension}"
+
+
+def upload_object(image_sha256: str) -> str:
+    """Where a processed upload waits (briefly) for its order to keep it: `uploads/<sha256>`."""
+    return f"uploads/{image_sha256}"

@@ -17,9 +17,11 @@ from pydantic import BaseModel, ConfigDict
 
 # Model construction is not thread-safe across libraries: diffusers builds its modules under
 # accelerate's `init_empty_weights`, which patches `nn.Module.register_parameter` for the whole
-# process while it runs. Every loader builds its modules while holding this lock; reading
-# weights and moving them to the device happen outside it, in parallel.
-MODEL_BUILD_LOCK = threading.Lock()
+# process while it runs (and torch's default dtype, and `torch.nn.init`). Every loader builds its
+# modules while holding this lock (`effects.diffusion.prepare_libraries` makes the libraries' own
+# build contexts take it); reading weights and moving them to the device happen outside it, in
+# parallel. Re-entrant: those contexts nest.
+MODEL_BUILD_LOCK = threading.RLock()
 
 
 class EffectParams(BaseModel):

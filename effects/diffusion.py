@@ -18,12 +18,16 @@ about four seconds, which the effect registry (and every classic-effect test) sh
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import gc
 import json
 import logging
+import threading
 import time
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -333,6 +337,190 @@ def _encode_with_addition(loaded: LoadedPipeline, addition: str) -> PromptEmbedd
         return PromptEmbeddings(embeds, fixed.negative_prompt_embeds)
 
 
+# --- Libraries, once per process ------------------------------------------------------------------
+
+_LIBRARIES_LOCK = threading.Lock()
+_LIBRARIES_READY = False
+_BUILDING = threading.local()
+
+# Read errors that say nothing about the files themselves: worth a retry (a network file system, a
+# lazily fetched container image layer). A missing or malformed file is not.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ENOMEM, errno.EBUSY})
+
+
+class TransientLoadError(RuntimeError):
+    """Loading failed for a reason that may pass (a read error, device memory): worth a retry."""
+
+
+def prepare_libraries(directories: list[Path] | tuple[Path, ...] = ()) -> float:
+    """Import diffusers, transformers and accelerate and resolve every class the pipelines need, on this thread.
+
+    Call once before loading pipelines on several threads; later calls return at once. It does what the
+    libraries would otherwise do lazily, or process-wide, from whichever loader thread got there first:
+
+    - diffusers and transformers are lazy modules: a class looked up on them while another thread is
+      still importing the same submodule is not there yet (`AttributeError: module 'diffusers' has no
+      attribute 'StableDiffusionImg2ImgPipeline'`). Every pipeline class, and every component class
+      named in the `model_index.json` of `directories`, is resolved here first.
+    - building a model patches the process: diffusers sets torch's default dtype and replaces
+      `torch.nn.init` and `nn.Module.register_parameter` (accelerate's `init_empty_weights`) for the
+      duration; transformers does the same in its own contexts and when it initialises missing
+      weights. Two threads doing that at once can leave the patches in place for good. Those contexts
+      are wrapped to hold `MODEL_BUILD_LOCK` (the cutout model's builder holds it too), so builds run
+      one at a time while weight reads and device copies, outside those contexts, run in parallel.
+
+    Returns the seconds it took (0 when the libraries were ready already).
+    """
+    global _LIBRARIES_READY
+    with _LIBRARIES_LOCK:
+        if _LIBRARIES_READY:
+            return 0.0
+        started = time.perf_counter()
+        import accelerate  # noqa: F401  (diffusers imports it lazily inside from_pretrained)
+        import diffusers
+        import diffusers.models.modeling_utils as diffusers_modeling
+        import transformers
+        import transformers.modeling_utils as transformers_modeling
+
+        for name in PIPELINE_CLASS_NAMES.values():
+            getattr(diffusers, name)
+        for spec in _specs().values():
+            getattr(diffusers, spec.scheduler)
+        libraries = {"diffusers": diffusers, "transformers": transformers}
+        for directory in directories:
+            for library, class_name in _component_classes(directory):
+                module = libraries.get(library)
+                if module is not None:
+                    getattr(module, class_name, None)
+        from diffusers.models.attention_processor import AttnProcessor2_0  # noqa: F401
+
+        _serialise_builds(diffusers_modeling, transformers_modeling)
+        disable_library_progress_bars()
+        _LIBRARIES_READY = True
+        return time.perf_counter() - started
+
+
+def _component_classes(directory: Path) -> list[tuple[str, str]]:
+    try:
+        index = json.loads((directory / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # load_pipeline reports it, naming the effect
+    if not isinstance(index, dict):
+        return []
+    return [
+        (str(value[0]), str(value[1]))
+        for key, value in index.items()
+        if not key.startswith("_") and isinstance(value, list) and len(value) == 2 and None not in value
+    ]
+
+
+def _empty_weights_per_thread() -> None:
+    """accelerate's `init_empty_weights`, for the calling thread only.
+
+    accelerate's own replaces `nn.Module.register_parameter` for the whole process while a model is
+    built, so a parameter that another thread assigns meanwhile (a pipeline loading its weights in
+    parallel) lands on `meta`, empty: "Cannot copy out of meta tensor". Here `register_parameter` is
+    replaced once, for good, by one that moves new parameters to `meta` only on a thread that is inside
+    `init_empty_weights`; diffusers looks the function up on the accelerate module at each load.
+    """
+    import accelerate
+
+    if getattr(accelerate.init_empty_weights, "_per_thread", False):
+        return
+    original_register = torch.nn.Module.register_parameter
+    original_init_empty_weights = accelerate.init_empty_weights
+
+    def register_parameter(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:
+        original_register(module, name, param)
+        device = getattr(_BUILDING, "empty_device", None)
+        if device is None or param is None:
+            return
+        registered = module._parameters[name]
+        assert registered is not None
+        attributes = dict(registered.__dict__)
+        flagged = attributes.pop("_is_hf_initialized", None)
+        moved = type(registered)(registered.to(device), requires_grad=param.requires_grad, **attributes)
+        if flagged is not None:
+            moved._is_hf_initialized = flagged  # type: ignore[attr-defined]
+        module._parameters[name] = moved
+
+    @contextlib.contextmanager
+    def init_empty_weights(include_buffers: bool | None = None) -> Iterator[None]:
+        if include_buffers:  # not what diffusers asks for; keep the library's own behaviour
+            with MODEL_BUILD_LOCK, original_init_empty_weights(include_buffers=True):
+                yield
+            return
+        previous = getattr(_BUILDING, "empty_device", None)
+        _BUILDING.empty_device = torch.device("meta")
+        try:
+            yield
+        finally:
+            _BUILDING.empty_device = previous
+
+    init_empty_weights._per_thread = True  # type: ignore[attr-defined]
+    torch.nn.Module.register_parameter = register_parameter  # type: ignore[method-assign, assignment]
+    accelerate.init_empty_weights = init_empty_weights
+
+
+def _serialise_builds(diffusers_modeling: Any, transformers_modeling: Any) -> None:
+    """Make the libraries' model-building contexts hold `MODEL_BUILD_LOCK` (see `prepare_libraries`)."""
+
+    def locked(contexts: type[Any], *, apply_dtype: bool) -> type[Any]:
+        class Locked(contexts):  # type: ignore[misc]
+            def __enter__(self) -> None:
+                MODEL_BUILD_LOCK.acquire()
+                self._restore_dtype: torch.dtype | None = None
+                try:
+                    pending = getattr(_BUILDING, "dtype", None) if apply_dtype else None
+                    if pending is not None:
+                        _BUILDING.dtype = None
+                        self._restore_dtype = torch.get_default_dtype()
+                        torch.set_default_dtype(pending)
+                    super().__enter__()
+                except BaseException:
+                    self._release()
+                    raise
+
+            def __exit__(self, *args: Any, **kwargs: Any) -> Any:
+                try:
+                    return super().__exit__(*args, **kwargs)
+                finally:
+                    self._release()
+
+            def _release(self) -> None:
+                if self._restore_dtype is not None:
+                    torch.set_default_dtype(self._restore_dtype)
+                    self._restore_dtype = None
+                MODEL_BUILD_LOCK.release()
+
+        Locked.__name__ = Locked.__qualname__ = f"Locked{contexts.__name__}"
+        return Locked
+
+    def defer_default_dtype(cls: type[Any], dtype: torch.dtype) -> None:
+        # diffusers sets torch's process-wide default dtype before entering its build contexts and
+        # restores it after leaving them; here it is set inside them instead, under the lock.
+        if not dtype.is_floating_point:
+            raise ValueError(f"Can't instantiate {cls.__name__} model under dtype={dtype}: not a floating point dtype")
+        _BUILDING.dtype = dtype
+
+    def locked_initialize_weights(original: Any) -> Any:
+        def initialize_weights(self: Any) -> Any:
+            with MODEL_BUILD_LOCK:  # patches torch.nn.init for the whole process while it runs
+                return original(self)
+
+        return initialize_weights
+
+    _empty_weights_per_thread()
+    diffusers_modeling.ContextManagers = locked(diffusers_modeling.ContextManagers, apply_dtype=True)
+    diffusers_modeling.ModelMixin._set_default_torch_dtype = classmethod(defer_default_dtype)
+    transformers_modeling.ContextManagers = locked(transformers_modeling.ContextManagers, apply_dtype=False)
+    pretrained = transformers_modeling.PreTrainedModel
+    pretrained.initialize_weights = locked_initialize_weights(pretrained.initialize_weights)
+
+
+# --- Loading, per pipeline -------------------------------------------------------------------------
+
+
 def load_pipeline(effect_name: str, directory: Path, device: torch.device, dtype: torch.dtype) -> LoadedPipeline:
     """Load one diffusion effect's pipeline from `directory` onto `device`, ready to serve.
 
@@ -349,7 +537,7 @@ def load_pipeline(effect_name: str, directory: Path, device: torch.device, dtype
     import diffusers
     from safetensors import SafetensorError
 
-    disable_library_progress_bars()
+    prepare_libraries((directory,))
     pipeline_class = getattr(diffusers, spec.pipeline_class_name)
     options: dict[str, Any] = {}
     if spec.kind == "sdxl_img2img":
@@ -365,18 +553,24 @@ def load_pipeline(effect_name: str, directory: Path, device: torch.device, dtype
     allocated_before = torch.cuda.memory_allocated(device) if on_cuda else 0
     started = time.perf_counter()
     try:
-        with MODEL_BUILD_LOCK:  # from_pretrained builds under a process-wide patch (see effects.base)
-            pipeline = pipeline_class.from_pretrained(
-                str(directory),
-                dtype=dtype,
-                use_safetensors=True,
-                local_files_only=True,
-                # Weights go from the safetensors files straight to the device, not through CPU copies.
-                device_map=device.type,
-                **options,
-            )
+        # Builds hold MODEL_BUILD_LOCK inside (see prepare_libraries); weight reads run in parallel.
+        pipeline = pipeline_class.from_pretrained(
+            str(directory),
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            # Weights go from the safetensors files straight to the device, not through CPU copies.
+            device_map=device.type,
+            **options,
+        )
         pipeline.to(device)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
+    except torch.OutOfMemoryError as exc:
+        raise TransientLoadError(f"{effect_name}: the device ran out of memory while loading: {exc}") from exc
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:
+            raise TransientLoadError(f"{effect_name}: reading {directory} failed: {exc}") from exc
+        raise PipelineUnavailable(effect_name, f"cannot load {directory}: {type(exc).__name__}: {exc}") from exc
+    except (ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as exc:
         raise PipelineUnavailable(effect_name, f"cannot load {directory}: {type(exc).__name__}: {exc}") from exc
 
     if spec.vae_in_float32 and dtype != torch.float32:

@@ -14,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,16 @@ MASK_BATCH_SPAN = "mask batch"
 CUTOUT = "cutout"
 MANIFEST = "model.json"
 ModelStatus = Literal["loading", "ready", "missing", "failed"]
+# A transient load failure is retried after each of these delays, then the model is `failed`
+# until POST /warmup asks again.
+RETRY_DELAYS_S = (2.0, 8.0)
+# After the cutout model is ready, diffusion loading waits for the storefront's requests to be
+# served: no request in flight for this long (longer than the startup probe's period, so the
+# requests Cloud Run held for the probe have arrived), or this long at most.
+STOREFRONT_QUIET_S = 3.0
+STOREFRONT_WAIT_S = 20.0
+# Not imported before the cutout model is ready (the storefront's path never needs them).
+DIFFUSION_LIBRARIES = ("diffusers", "transformers", "accelerate")
 
 
 class EngineError(Exception):
@@ -69,6 +80,13 @@ class ModelState:
     model_id: str | None = None
     load_seconds: float | None = None
     resident_bytes: int | None = None
+    read_bytes: int | None = None  # bytes of weight files read to load it
+    attempts: int = 0
+    # Seconds since the engine was created: when the weight read started and ended, when it was warm.
+    load_started_s: float | None = None
+    load_finished_s: float | None = None
+    ready_s: float | None = None
+    load_timings: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -77,7 +95,17 @@ class ModelState:
             "model_id": self.model_id,
             "load_seconds": self.load_seconds,
             "resident_bytes": self.resident_bytes,
+            "read_bytes": self.read_bytes,
+            "attempts": self.attempts,
+            "load_window_s": [self.load_started_s, self.load_finished_s],
+            "ready_s": self.ready_s,
+            "load_timings_s": self.load_timings,
         }
+
+
+def weight_file_bytes(directory: Path) -> int:
+    """Bytes of the weight files under a model directory (what loading it reads)."""
+    return sum(path.stat().st_size for path in directory.rglob("*.safetensors") if path.is_file())
 
 
 @dataclass
@@ -128,6 +156,7 @@ class Engine:
         mask_batch_size: int = 8,
         mask_batch_wait_ms: float = 5.0,
         compile_model: bool = False,
+        retry_delays_s: Sequence[float] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
@@ -135,9 +164,10 @@ class Engine:
         self.mask_batch_size = mask_batch_size
         self.mask_batch_wait_s = mask_batch_wait_ms / 1000.0
         self.compile_model = compile_model
+        self.retry_delays_s = tuple(RETRY_DELAYS_S if retry_delays_s is None else retry_delays_s)
         self.states: dict[str, ModelState] = {CUTOUT: ModelState(CUTOUT, models_dir / cutout_model)}
         for name in diffusion_effects:
-            self.states[name] = ModelState(name, models_dir / name)
+            self.states[name] = ModelState(name, models_dir / name, detail="waiting for the cutout model")
         for state in self.states.values():
             try:
                 state.model_id = read_model_id(state.directory)
@@ -147,78 +177,209 @@ class Engine:
         self._pipelines: dict[str, Any] = {}
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cutout-gpu")
         self._diffusion = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cutout-diffusion")
+        # Weight reads and device copies, one thread per diffusion pipeline (they overlap for real).
+        self._loader = ThreadPoolExecutor(max_workers=max(1, len(self.states) - 1), thread_name_prefix="cutout-load")
         self._mask_queue: asyncio.Queue[_MaskJob] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
+        self._retries: dict[str, asyncio.Task[None]] = {}
+        self.cutout_settled = asyncio.Event()  # set when the cutout model is ready or given up on
+        self._stopping = False
         self.created_at = time.monotonic()
-        self.cold_start_seconds: float | None = None
+        self.cutout_ready_seconds: float | None = None  # process start → the storefront's work can run
+        self.cold_start_seconds: float | None = None  # process start → every model settled (ready or not)
+        self.libraries_seconds: float | None = None  # importing diffusers & co. once, before the loaders
+        # Whether diffusers or transformers had been imported when the cutout model became ready: never,
+        # if the storefront's path is as lean as it should be.
+        self.diffusion_imported_before_cutout: bool | None = None
         self.batches_run = 0  # mask batches served through the queue
         self.forwards_run = 0  # every real forward of the cutout model, warm-ups included
 
     # ----------------------------------------------------------------- lifecycle
 
-    async def start(self) -> None:
-        """Load every configured model (in parallel), run one warm forward each, then start serving."""
+    async def start(self, storefront_idle: Callable[[], bool] | None = None) -> None:
+        """Bring the models up in stages, the storefront's first.
+
+        1. The cutout model loads and runs its warm forward alone: the moment it is warm, the cutout
+           and every classic effect can serve (`ready`), and nothing of diffusers or transformers has
+           been imported yet. The next stage waits until `storefront_idle()` has held for
+           `STOREFRONT_QUIET_S` (at most `STOREFRONT_WAIT_S`): the requests that woke the instance,
+           held by Cloud Run until the startup probe passed, are served before anything competes
+           with them for the CPU.
+        2. diffusers, transformers and accelerate are imported and every pipeline class resolved once,
+           on one thread (their lazy modules are not safe to race).
+        3. The diffusion pipelines load in parallel, one thread each, and each effect becomes available
+           when its pipeline has run its warm forward.
+
+        A transient failure (a read error, device memory) is retried after each of `retry_delays_s`;
+        absent or corrupt weights are not. Neither stops the other models.
+        """
         self._worker = asyncio.create_task(self._mask_worker(), name="cutout-mask-batcher")
-        loaders = [asyncio.to_thread(self._load, state) for state in self.states.values() if state.status == "loading"]
-        await asyncio.gather(*loaders)
-        await self.warmup()
+        cutout = self.states[CUTOUT]
+        if cutout.status == "loading":
+            await self._bring_up(cutout)
+        self.cutout_ready_seconds = round(time.monotonic() - self.created_at, 3)
+        self.cutout_settled.set()
+        self.diffusion_imported_before_cutout = any(name in sys.modules for name in DIFFUSION_LIBRARIES)
+        log.info(
+            "cutout model %s after %.2f s; diffusers imported before it: %s",
+            cutout.status,
+            self.cutout_ready_seconds,
+            self.diffusion_imported_before_cutout,
+            extra={
+                "model": CUTOUT,
+                "status": cutout.status,
+                "cutout_ready_s": self.cutout_ready_seconds,
+                "diffusion_imported_before_cutout": self.diffusion_imported_before_cutout,
+                "load_timings_s": cutout.load_timings,
+            },
+        )
+        pending = [state for name, state in self.states.items() if name != CUTOUT and state.status == "loading"]
+        if pending:
+            if storefront_idle is not None and cutout.status == "ready":
+                await wait_quiet(storefront_idle, STOREFRONT_QUIET_S, STOREFRONT_WAIT_S)
+            for state in pending:
+                state.detail = "loading"
+            if await self._prepare_libraries(pending):
+                await asyncio.gather(*(self._bring_up(state) for state in pending))
         self.cold_start_seconds = time.monotonic() - self.created_at
         log.info(
-            "engine ready",
+            "engine started",
             extra={"cold_start_s": round(self.cold_start_seconds, 3), "models": self.describe_models()},
         )
 
+    async def _prepare_libraries(self, pending: list[ModelState]) -> bool:
+        from effects.diffusion import prepare_libraries
+
+        loop = asyncio.get_running_loop()
+        try:
+            seconds = await loop.run_in_executor(
+                self._loader, prepare_libraries, tuple(state.directory for state in pending)
+            )
+        except Exception as exc:
+            for state in pending:
+                state.status, state.detail = "failed", f"importing the diffusion libraries failed: {exc!r}"
+            log.exception("importing the diffusion libraries failed; diffusion effects are unavailable")
+            return False
+        self.libraries_seconds = round(seconds, 3)
+        log.info("diffusion libraries imported in %.2f s", seconds, extra={"libraries_s": self.libraries_seconds})
+        return True
+
     async def stop(self) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            await asyncio.gather(self._worker, return_exceptions=True)
-        self._gpu.shutdown(wait=True, cancel_futures=True)
-        self._diffusion.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers without blocking the event loop.
+
+        A forward or a weight read already running on a worker thread cannot be interrupted; it is left
+        to finish on its own (the process exits past it), and nothing queued behind it starts.
+        """
+        self._stopping = True
+        tasks = [task for task in (self._worker, *self._retries.values()) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for pool in (self._gpu, self._diffusion, self._loader):
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _bring_up(self, state: ModelState) -> None:
+        """Load and warm one model, retrying transient failures after each of `retry_delays_s`."""
+        delays = list(self.retry_delays_s)
+        attempt = 0
+        while not self._stopping:
+            attempt += 1
+            state.status, state.attempts = "loading", attempt
+            try:
+                await self._load_and_warm(state)
+            except ModelMissing as exc:
+                state.status, state.detail = "missing", str(exc)
+                log.error("model %s unavailable: %s", state.name, exc)
+                return
+            except Exception as exc:
+                reason = f"{exc.__class__.__name__}: {exc}"
+                if delays and not self._stopping:
+                    delay = delays.pop(0)
+                    state.detail = f"attempt {attempt} failed ({reason}); retrying in {delay:g} s"
+                    log.warning("model %s: %s", state.name, state.detail)
+                    await asyncio.sleep(delay)
+                    continue
+                # A broken model must not take the service down: the effects that need it are
+                # reported unavailable, everything else keeps working, and /warmup tries again.
+                state.status, state.detail = "failed", f"{reason} (after {attempt} attempt(s); POST /warmup retries)"
+                log.error("model %s failed after %d attempt(s): %s", state.name, attempt, reason, exc_info=exc)
+                return
+            state.status, state.detail = "ready", "loaded and warm"
+            state.ready_s = round(time.monotonic() - self.created_at, 3)
+            return
+
+    async def _load_and_warm(self, state: ModelState) -> None:
+        loop = asyncio.get_running_loop()
+        loaded = self._pipelines.get(state.name) if state.name != CUTOUT else self._cutout
+        if loaded is None:  # a retry after a failed warm-up keeps what was loaded
+            state.detail = "loading"
+            await loop.run_in_executor(self._loader, self._load, state)
+        state.detail = "loaded, warming up"
+        started = time.perf_counter()
+        if state.name == CUTOUT:
+            await self._warm_cutout()
+        else:
+            from effects.diffusion import warm_pipeline
+
+            await loop.run_in_executor(self._diffusion, warm_pipeline, self._pipelines[state.name])
+        state.load_timings["warm_forward_s"] = round(time.perf_counter() - started, 4)
 
     def _load(self, state: ModelState) -> None:
+        """Read one model's weights onto the device (a loader thread). Raises ModelMissing when they are
+        absent or corrupt; any other exception is worth a retry."""
         started = time.perf_counter()
-        try:
-            if state.name == CUTOUT:
-                from effects.inspyrenet import ModelLoadError, load_cutout_model
+        state.load_started_s = round(time.monotonic() - self.created_at, 3)
+        log.info("loading model %s", state.name, extra={"model": state.name, "phase": "load_start"})
+        if state.name == CUTOUT:
+            from effects.inspyrenet import ModelLoadError, load_cutout_model
 
-                try:
-                    self._cutout = load_cutout_model(
-                        state.directory / "model.safetensors", self.device, self.dtype, compile_model=self.compile_model
-                    )
-                except ModelLoadError as exc:
-                    raise ModelMissing(str(exc)) from exc
-                state.resident_bytes = self._cutout.resident_bytes
-            else:
-                from effects.diffusion import PipelineUnavailable, load_pipeline
+            try:
+                cutout = load_cutout_model(
+                    state.directory / "model.safetensors", self.device, self.dtype, compile_model=self.compile_model
+                )
+            except ModelLoadError as exc:
+                raise ModelMissing(str(exc)) from exc
+            state.resident_bytes = cutout.resident_bytes
+            state.read_bytes = cutout.weight_file_bytes
+            state.load_timings.update(cutout.load_timings)
+            self._cutout = cutout
+        else:
+            from effects.diffusion import PipelineUnavailable, load_pipeline
 
-                try:
-                    loaded = load_pipeline(state.name, state.directory, self.device, self.dtype)
-                except PipelineUnavailable as exc:
-                    raise ModelMissing(str(exc)) from exc
-                self._pipelines[state.name] = loaded
-                state.resident_bytes = loaded.resident_bytes
-        except ModelMissing as exc:
-            state.status, state.detail = "missing", str(exc)
-            log.error("model %s unavailable: %s", state.name, exc)
-            return
-        except Exception as exc:
-            # A broken model must not take the service down: the effects that need it are
-            # reported unavailable and everything else keeps working.
-            state.status, state.detail = "failed", f"{exc.__class__.__name__}: {exc}"
-            log.exception("model %s failed to load", state.name)
-            return
+            try:
+                loaded = load_pipeline(state.name, state.directory, self.device, self.dtype)
+            except PipelineUnavailable as exc:
+                raise ModelMissing(str(exc)) from exc
+            state.resident_bytes = loaded.resident_bytes
+            state.read_bytes = weight_file_bytes(state.directory)
+            state.load_timings["load_s"] = round(loaded.load_seconds, 4)
+            self._pipelines[state.name] = loaded
         state.load_seconds = round(time.perf_counter() - started, 3)
-        state.detail = "loaded, warming up"
+        state.load_finished_s = round(time.monotonic() - self.created_at, 3)
         log.info(
             "model loaded",
-            extra={"model": state.name, "load_s": state.load_seconds, "resident_bytes": state.resident_bytes},
+            extra={
+                "model": state.name,
+                "phase": "load_end",
+                "load_s": state.load_seconds,
+                "load_window_s": [state.load_started_s, state.load_finished_s],
+                "read_bytes": state.read_bytes,
+                "resident_bytes": state.resident_bytes,
+            },
         )
 
     async def warmup(self) -> dict[str, float]:
-        """One tiny real forward through every loaded model; returns milliseconds per model."""
+        """One tiny real forward through every ready model; returns milliseconds per model.
+
+        Models whose loading failed for a transient reason are loaded again, in the background; their
+        state says so. Models still loading are left alone.
+        """
         timings: dict[str, float] = {}
         for name, state in self.states.items():
-            if state.status in ("missing", "failed"):
+            if state.status == "failed":
+                self.retry(name)
+                continue
+            if state.status != "ready":
                 continue
             started = time.perf_counter()
             try:
@@ -230,12 +391,31 @@ class Engine:
                     loaded = self._pipelines[name]
                     await asyncio.get_running_loop().run_in_executor(self._diffusion, warm_pipeline, loaded)
             except Exception as exc:
-                state.status, state.detail = "failed", f"warm-up forward failed: {exc.__class__.__name__}: {exc}"
-                log.exception("model %s failed its warm-up forward", name)
+                log.warning("model %s failed a warm-up forward (%s); it stays in service", name, exc)
                 continue
-            state.status, state.detail = "ready", "loaded and warm"
             timings[name] = round((time.perf_counter() - started) * 1000.0, 2)
         return timings
+
+    def retry(self, name: str) -> bool:
+        """Load a failed model again in the background; False if it is not failed or a retry runs."""
+        state = self.states[name]
+        running = self._retries.get(name)
+        if state.status != "failed" or (running is not None and not running.done()) or self._stopping:
+            return False
+        state.status, state.detail = "loading", "loading again (POST /warmup)"
+        self._retries[name] = asyncio.create_task(self._retry(state), name=f"cutout-retry-{name}")
+        return True
+
+    async def _retry(self, state: ModelState) -> None:
+        if state.name != CUTOUT:
+            from effects.diffusion import prepare_libraries
+
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._loader, prepare_libraries, (state.directory,))
+            except Exception as exc:
+                state.status, state.detail = "failed", f"importing the diffusion libraries failed: {exc!r}"
+                return
+        await self._bring_up(state)
 
     async def _warm_cutout(self) -> None:
         # A real forward through every layer on the GPU thread: at model size on CUDA (kernels
@@ -248,10 +428,31 @@ class Engine:
 
     @property
     def ready(self) -> bool:
+        """The storefront's work can run: the cutout model is warm (classic effects need no model)."""
+        return self.states[CUTOUT].status == "ready"
+
+    @property
+    def all_ready(self) -> bool:
         return all(state.status == "ready" for state in self.states.values())
 
     def describe_models(self) -> dict[str, dict[str, Any]]:
         return {name: state.describe() for name, state in self.states.items()}
+
+    def describe_startup(self) -> dict[str, Any]:
+        """The staged start in figures, for /ready and /warmup."""
+        return {
+            "cutout_ready_s": self.cutout_ready_seconds,
+            "all_models_settled_s": None if self.cold_start_seconds is None else round(self.cold_start_seconds, 3),
+            "diffusion_libraries_s": self.libraries_seconds,
+            "diffusion_imported_before_cutout": self.diffusion_imported_before_cutout,
+        }
+
+    def effect_state(self, effect: Effect) -> ModelStatus | Literal["ready"]:
+        """What an effect can do now: a classic effect is always ready; a model effect follows its model."""
+        if effect.model is None:
+            return "ready"
+        state = self.states.get(CUTOUT if effect.model == CUTOUT else effect.name)
+        return "missing" if state is None else state.status
 
     def model_id(self, model: str) -> str | None:
         state = self.states.get(model)
@@ -269,7 +470,7 @@ class Engine:
         if state is None:
             raise ModelMissing(f"{model} is not configured on this service")
         if state.status == "loading":
-            raise ModelNotReady(f"{model} is still loading (cold start); retry in a few seconds")
+            raise ModelNotReady(f"{model} is still loading ({state.detail}); retry in a few seconds")
         if state.status in ("missing", "failed"):
             raise ModelMissing(f"{model} is unavailable: {state.detail}")
 
@@ -442,6 +643,18 @@ class Engine:
                 raise OutOfMemory(f"the GPU ran out of memory running {effect.name}; retry shortly") from exc
 
         return await asyncio.get_running_loop().run_in_executor(self._diffusion, job)
+
+
+async def wait_quiet(idle: Callable[[], bool], quiet_s: float, at_most_s: float) -> None:
+    """Return once `idle()` has held for `quiet_s` in a row, or after `at_most_s` whatever happens."""
+    loop = asyncio.get_running_loop()
+    started = quiet_since = loop.time()
+    while loop.time() - started < at_most_s:
+        if not idle():
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= quiet_s:
+            return
+        await asyncio.sleep(0.05)
 
 
 def output_size(height: int, width: int, max_size: int) -> tuple[int, int]:

@@ -20,12 +20,14 @@ into their convolutions, and the result moves to the device once.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import json
 import logging
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -57,6 +59,10 @@ MASK_LEVELS = 65535
 _FIX_WEIGHTS = "rebuild them with scripts/fetch_weights.py (or scripts/make_test_weights.py for random test weights)"
 
 
+# Read errors that say nothing about the file itself (worth a retry); anything else is a broken file.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ENOMEM, errno.EBUSY})
+
+
 class ModelLoadError(RuntimeError):
     """The cutout weights are missing, unreadable, or do not fit the architecture.
 
@@ -80,6 +86,11 @@ def _architecture() -> Callable[..., nn.Module]:
     need. The architecture modules only need their own package to be importable, so a bare
     package object stands in for the duration of the import. A later ordinary
     `import transparent_background` still runs the real `__init__` and reuses these modules.
+
+    The Swin backbone takes three small helpers from `timm.layers`, and importing timm imports
+    torchvision's model zoo: 2-3 s of the cold start (more on busy cores) for a drop-path layer
+    that is the identity in eval mode, a pair constructor and an initialiser. Unless timm is
+    imported already, `_TimmLayers` stands in for it during the import (`timm` stays importable).
     """
     global _ARCHITECTURE
     with _IMPORT_LOCK:
@@ -96,14 +107,55 @@ def _architecture() -> Callable[..., nn.Module]:
             stand_in.__path__ = list(spec.submodule_search_locations)
             stand_in.__spec__ = spec
             sys.modules["transparent_background"] = stand_in
+        timm_stand_ins = _timm_stand_ins() if "timm" not in sys.modules else {}
+        sys.modules.update(timm_stand_ins)
         try:
             from transparent_background.InSPyReNet import InSPyReNet_SwinB
         finally:
             if stand_in is not None and sys.modules.get("transparent_background") is stand_in:
                 del sys.modules["transparent_background"]
+            for name, module in timm_stand_ins.items():
+                if sys.modules.get(name) is module:
+                    del sys.modules[name]
         architecture: Callable[..., nn.Module] = InSPyReNet_SwinB
         _ARCHITECTURE = architecture
         return architecture
+
+
+class _DropPath(nn.Module):
+    """Stochastic depth per sample (timm's `DropPath`): the identity in eval mode, which is how it serves."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        if keep > 0.0 and self.scale_by_keep:
+            mask.div_(keep)
+        return x * mask
+
+
+def _to_2tuple(value: Any) -> tuple[Any, ...]:
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    return (value, value)
+
+
+def _timm_stand_ins() -> dict[str, types.ModuleType]:
+    """`timm` and `timm.layers` holding only what the Swin backbone imports from them."""
+    package = types.ModuleType("timm")
+    package.__path__ = []
+    layers = types.ModuleType("timm.layers")
+    layers.DropPath = _DropPath  # type: ignore[attr-defined]
+    layers.to_2tuple = _to_2tuple  # type: ignore[attr-defined]
+    layers.trunc_normal_ = torch.nn.init.trunc_normal_  # type: ignore[attr-defined]
+    package.layers = layers  # type: ignore[attr-defined]
+    return {"timm": package, "timm.layers": layers}
 
 
 # Tensor constructors whose storage is about to be overwritten by the checkpoint. Constructors
@@ -346,15 +398,25 @@ def load_cutout_model(
     costs far more than it saves.
     """
     path = Path(path)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    _architecture()
+    timings["import_s"], clock = time.perf_counter() - clock, time.perf_counter()
     info = read_weights_info(path)
     net = build_inspyrenet(info.base_size, empty=True)
     expected = net.state_dict()
+    timings["build_s"], clock = time.perf_counter() - clock, time.perf_counter()
     try:
         tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except OSError as exc:
+        if exc.errno in TRANSIENT_ERRNOS:  # the file may be fine; the read was not
+            raise
+        raise ModelLoadError(f"{path} could not be read ({exc}): {_FIX_WEIGHTS}") from exc
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ModelLoadError(
             f"{path} could not be read ({exc}); it may be truncated or corrupt: {_FIX_WEIGHTS}"
         ) from exc
+    timings["weight_read_s"], clock = time.perf_counter() - clock, time.perf_counter()
     _check_against(path, tensors, expected)
     floats = {
         name: (t.float() if t.is_floating_point() and t.dtype != torch.float32 else t) for name, t in tensors.items()
@@ -364,10 +426,17 @@ def load_cutout_model(
         _check_materialised(path, net)
         net.requires_grad_(False)
         _fold_batch_norms(net)
+    timings["assign_s"], clock = time.perf_counter() - clock, time.perf_counter()
     # InSPyReNet overrides .to() with a device-only signature; the base method takes both at once.
     nn.Module.to(net, device=device, dtype=dtype)
     _move_helper_kernels(net, device)
-    return CutoutModel(net, info, device, dtype, compile_model=compile_model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings["device_copy_s"] = time.perf_counter() - clock
+    model = CutoutModel(net, info, device, dtype, compile_model=compile_model)
+    model.load_timings = {name: round(seconds, 4) for name, seconds in timings.items()}
+    model.weight_file_bytes = path.stat().st_size
+    return model
 
 
 def _check_materialised(path: Path, net: nn.Module) -> None:
@@ -430,6 +499,9 @@ class CutoutModel:
     ) -> None:
         self.net = net
         self.info = info
+        # Where `load_cutout_model` spent its time (seconds per phase) and the bytes it read.
+        self.load_timings: dict[str, float] = {}
+        self.weight_file_bytes = 0
         self.model_id = info.model_id
         self.base_size = info.base_size
         self.device = device

@@ -3,17 +3,24 @@
 
 What .github/workflows/deploy.yml runs, step by step, and what an operator runs by hand:
 
-    deploy    create a revision from an image, tagged, with no traffic; print its tag URL
+    deploy    create a revision from an image with no traffic, tagged `canary`; print its canary URL
     smoke     GET /ready, one real POST /v1/process with a generated PNG, then fetch the result
-    promote   send a percentage of the traffic to the tagged revision
+    promote   send a percentage of the traffic to the canary
     check     let traffic soak, then fail if the revision answered too many 5xx (Cloud Monitoring)
-    rollback  send all traffic back to the revision that served before the deploy
+    untag     remove every revision tag but `canary` (old releases stop being addressable)
+    rollback  all traffic and the `canary` tag back to the revision that served before, other tags removed
     status    show which revisions get traffic
 
-The project, region and service come from --project/--region/--service or from the environment
-(GCP_PROJECT_ID, GCP_REGION, CLOUD_RUN_SERVICE), the same variables the workflow sets. Only the
-standard library and the gcloud CLI are needed; under GitHub Actions, values the later steps need are
-appended to $GITHUB_OUTPUT.
+Releases own the image, the traffic split and the tags; Terraform owns the rest of the revision
+template (terraform/cloud_run.tf). The canary is reached through the load balancer at
+<public URL>/canary/ (a route to the revision tagged `canary`), so it is smoke-tested behind the same
+Cloud Armor policy and X-Forwarded-For as customers, and the service's ingress can stay closed to the
+internet.
+
+The project, region, service and public URL come from --project/--region/--service/--public-url or
+from the environment (GCP_PROJECT_ID, GCP_REGION, CLOUD_RUN_SERVICE, PUBLIC_URL), the same variables
+the workflow sets. Only the standard library and the gcloud CLI are needed; under GitHub Actions,
+values the later steps need are appended to $GITHUB_OUTPUT.
 """
 
 from __future__ import annotations
@@ -21,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
@@ -41,9 +47,10 @@ Gcloud = Callable[[Sequence[str]], str]
 
 MONITORING_API = "https://monitoring.googleapis.com/v3"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Cloud Run refuses a tag when the tag and the service name together pass this length (the tag URL
-# `<tag>---<service>-<hash>.<region>.run.app` must stay one DNS label).
-MAX_TAG_AND_SERVICE = 46
+# The revision tag the load balancer's canary route points at, and that route's path prefix
+# (terraform/main.tf locals canary_tag and canary_path hold the same values).
+CANARY_TAG = "canary"
+CANARY_PATH = "/canary/"
 
 
 class DeployError(Exception):
@@ -53,20 +60,11 @@ class DeployError(Exception):
 # ---------------------------------------------------------------- pure helpers
 
 
-def revision_tag(git_tag: str, service: str) -> str:
-    """Cloud Run revision tag for a git tag: `v1.4.0-rc.1` -> `v1-4-0-rc-1`.
-
-    Tags are lowercase letters, digits and hyphens and start with a letter.
-    """
-    tag = re.sub(r"[^a-z0-9]+", "-", git_tag.lower()).strip("-")
-    if not tag:
-        raise DeployError(f"git tag {git_tag!r} has no letters or digits to make a revision tag from")
-    if not tag[0].isalpha():
-        tag = f"r-{tag}"
-    room = MAX_TAG_AND_SERVICE - len(service)
-    if room < 1:
-        raise DeployError(f"service name {service!r} leaves no room for a revision tag")
-    return tag[:room].rstrip("-")
+def canary_url(public_url: str) -> str:
+    """`https://cutout.example.com` -> `https://cutout.example.com/canary` (the load balancer's canary route)."""
+    if not public_url.startswith("https://"):
+        raise DeployError(f"the public URL must be https://<domain>, not {public_url!r} (set PUBLIC_URL)")
+    return public_url.rstrip("/") + CANARY_PATH.rstrip("/")
 
 
 def traffic_targets(service: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -95,14 +93,18 @@ def serving_revision(service: Mapping[str, Any], excluding: str | None = None) -
     return best[1] if best else None
 
 
-def tagged_target(service: Mapping[str, Any], tag: str) -> tuple[str, str]:
-    """(revision name, tag URL) of a revision tag."""
+def tagged_revision(service: Mapping[str, Any], tag: str) -> str:
+    """The revision a tag points at."""
     for target in traffic_targets(service):
-        if target.get("tag") == tag:
-            revision, url = target.get("revisionName"), target.get("url")
-            if revision and url:
-                return str(revision), str(url)
+        if target.get("tag") == tag and target.get("revisionName"):
+            return str(target["revisionName"])
     raise DeployError(f"no revision carries the tag {tag!r}; `gcloud run services describe` shows none")
+
+
+def tags_except(service: Mapping[str, Any], keep: str) -> list[str]:
+    """Every revision tag on the service but `keep`, in the order the traffic list names them."""
+    tags = [str(target["tag"]) for target in traffic_targets(service) if target.get("tag")]
+    return [tag for index, tag in enumerate(tags) if tag != keep and tag not in tags[:index]]
 
 
 def image_without_reference(image: str) -> str:
@@ -211,10 +213,22 @@ def github_output(values: Mapping[str, str]) -> None:
 # ---------------------------------------------------------------- commands
 
 
-def deploy(gcloud: Gcloud, target: Target, image: str, git_tag: str) -> dict[str, str]:
-    """A new revision of `image`, tagged after `git_tag`, receiving no traffic."""
-    tag = revision_tag(git_tag, target.service)
-    previous = serving_revision(describe(gcloud, target)) or ""
+def deploy(
+    gcloud: Gcloud,
+    target: Target,
+    image: str,
+    public_url: str,
+    report: Callable[[Mapping[str, str]], None] = lambda values: None,
+) -> dict[str, str]:
+    """A new revision of `image` receiving no traffic, carrying the `canary` tag (moved from wherever it was).
+
+    The serving revision is reported before anything changes: if the deploy fails half-way (the new
+    revision never becomes ready, after the tag was freed), the rollback still knows where to go.
+    """
+    canary = canary_url(public_url)
+    before = describe(gcloud, target)
+    previous = serving_revision(before) or ""
+    report({"previous_revision": previous, "canary_url": canary})
 
     # Deploy the digest, not the tag: the revision then names exactly the bytes that were built.
     digest = gcloud(["artifacts", "docker", "images", "describe", image, "--format=value(image_summary.digest)"])
@@ -223,11 +237,34 @@ def deploy(gcloud: Gcloud, target: Target, image: str, git_tag: str) -> dict[str
         raise DeployError(f"could not resolve {image} to a digest (got {digest!r})")
     pinned = f"{image_without_reference(image)}@{digest}"
 
+    # Free the tag first (after a release it sits on the serving revision), so the deploy below only
+    # has to add it; until the new revision is up, /canary/ answers an error rather than anything old.
+    if any(target_.get("tag") == CANARY_TAG for target_ in traffic_targets(before)):
+        gcloud(["run", "services", "update-traffic", target.service, *target.flags(), "--remove-tags", CANARY_TAG])
     gcloud(
-        ["run", "deploy", target.service, *target.flags(), "--image", pinned, "--no-traffic", "--tag", tag, "--quiet"]
+        [
+            "run",
+            "deploy",
+            target.service,
+            *target.flags(),
+            "--image",
+            pinned,
+            "--no-traffic",
+            "--tag",
+            CANARY_TAG,
+            "--quiet",
+        ]
     )
-    revision, url = tagged_target(describe(gcloud, target), tag)
-    return {"tag": tag, "revision": revision, "tag_url": url, "previous_revision": previous, "image": pinned}
+    revision = tagged_revision(describe(gcloud, target), CANARY_TAG)
+    if revision == previous:
+        raise DeployError(f"the {CANARY_TAG!r} tag still points at the serving revision {revision}: no new revision")
+    return {
+        "tag": CANARY_TAG,
+        "revision": revision,
+        "canary_url": canary,
+        "previous_revision": previous,
+        "image": pinned,
+    }
 
 
 def wait_ready(url: str, deadline_s: float, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -269,14 +306,26 @@ def smoke(url: str, ready_deadline_s: float = 900, sleep: Callable[[float], None
     return dict(result)
 
 
-def promote(gcloud: Gcloud, target: Target, tag: str, percent: int) -> None:
+def promote(gcloud: Gcloud, target: Target, percent: int, tag: str = CANARY_TAG) -> None:
     if not 0 < percent <= 100:
         raise DeployError(f"--percent must be 1..100, not {percent}")
     gcloud(["run", "services", "update-traffic", target.service, *target.flags(), "--to-tags", f"{tag}={percent}"])
 
 
+def untag(gcloud: Gcloud, target: Target, keep: str = CANARY_TAG) -> list[str]:
+    """Remove every tag but `keep`: an old revision with a tag stays addressable and can scale on its own."""
+    stale = tags_except(describe(gcloud, target), keep)
+    if stale:
+        gcloud(["run", "services", "update-traffic", target.service, *target.flags(), "--remove-tags", ",".join(stale)])
+    return stale
+
+
 def rollback(gcloud: Gcloud, target: Target, revision: str) -> None:
-    gcloud(["run", "services", "update-traffic", target.service, *target.flags(), "--to-revisions", f"{revision}=100"])
+    """All traffic to `revision` first (the part that matters, and the fastest), then the tags."""
+    update = ["run", "services", "update-traffic", target.service, *target.flags()]
+    gcloud([*update, "--to-revisions", f"{revision}=100"])
+    gcloud([*update, "--update-tags", f"{CANARY_TAG}={revision}"])
+    untag(gcloud, target)
 
 
 def request_counts(gcloud: Gcloud, target: Target, revision: str, since: datetime, until: datetime) -> tuple[int, int]:
@@ -340,30 +389,31 @@ def parser() -> argparse.ArgumentParser:
     main.add_argument("--project", default=os.environ.get("GCP_PROJECT_ID"))
     main.add_argument("--region", default=os.environ.get("GCP_REGION"))
     main.add_argument("--service", default=os.environ.get("CLOUD_RUN_SERVICE", "cutout"))
+    main.add_argument("--public-url", default=os.environ.get("PUBLIC_URL", ""), help="https://<domain>")
     commands = main.add_subparsers(dest="command", required=True)
 
-    p = commands.add_parser("deploy", help="new tagged revision with no traffic")
+    p = commands.add_parser("deploy", help="new revision with no traffic, tagged canary")
     p.add_argument(
         "--image", required=True, help="image with its tag, e.g. REGION-docker.pkg.dev/P/cutout/cutout:v1.2.0"
     )
-    p.add_argument("--git-tag", required=True, help="the release's git tag; the revision tag is derived from it")
 
     p = commands.add_parser("smoke", help="readiness + one real /v1/process + the result fetched back")
-    p.add_argument("--url", required=True, help="base URL: the revision's tag URL, or the public URL")
+    p.add_argument("--url", required=True, help="base URL: the canary URL (<public URL>/canary) or the public URL")
     p.add_argument("--ready-deadline", type=float, default=900, help="seconds to wait for /ready (cold start)")
 
-    p = commands.add_parser("promote", help="send a share of the traffic to the tagged revision")
-    p.add_argument("--tag", required=True)
+    p = commands.add_parser("promote", help="send a share of the traffic to the canary")
     p.add_argument("--percent", type=int, required=True)
 
     p = commands.add_parser("check", help="soak, then fail on too many 5xx from the revision")
     p.add_argument("--revision", required=True)
     p.add_argument("--soak", type=float, default=300, help="seconds of traffic to judge")
     p.add_argument("--max-error-ratio", type=float, default=0.02)
-    p.add_argument("--probe-url", help="URL to GET /ready on during the soak (the revision's tag URL)")
+    p.add_argument("--probe-url", help="URL to GET /ready on during the soak (the canary URL)")
 
     p = commands.add_parser("rollback", help="all traffic back to a revision")
     p.add_argument("--to-revision", required=True, help="the revision that served before (deploy prints it)")
+
+    commands.add_parser("untag", help="remove every revision tag but canary")
 
     commands.add_parser("status", help="the current traffic split")
     return main
@@ -377,13 +427,18 @@ def main(argv: Sequence[str] | None = None, gcloud: Gcloud = run_gcloud) -> int:
     target = Target(args.project or "", args.region or "", args.service)
     try:
         if args.command == "deploy":
-            github_output(deploy(gcloud, target, args.image, args.git_tag))
+            result = deploy(gcloud, target, args.image, args.public_url, report=github_output)
+            github_output(
+                {key: value for key, value in result.items() if key not in ("previous_revision", "canary_url")}
+            )
         elif args.command == "smoke":
             smoke(args.url, args.ready_deadline)
         elif args.command == "promote":
-            promote(gcloud, target, args.tag, args.percent)
+            promote(gcloud, target, args.percent)
         elif args.command == "check":
             check(gcloud, target, args.revision, args.soak, args.max_error_ratio, args.probe_url)
+        elif args.command == "untag":
+            print("removed tags:", " ".join(untag(gcloud, target)) or "none", file=sys.stderr)
         elif args.command == "rollback":
             rollback(gcloud, target, args.to_revision)
         else:

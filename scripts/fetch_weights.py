@@ -1,12 +1,18 @@
 """Download and convert every model's weights into MODELS_DIR (run at image build; needs the network).
 
     python scripts/fetch_weights.py MODELS_DIR [--mode base|fast] [--checkpoint FILE.pth]
+    python scripts/fetch_weights.py MODELS_DIR --cutout-only --if-missing --offline-ok   (what `make run` runs)
 
 InSPyReNet: the checkpoint named in transparent-background's own config.yaml (`base` mode:
 ckpt_base.pth, 1024 px) is downloaded, its md5 checked against that config, and converted to
 safetensors in the serving layout (MODELS_DIR/inspyrenet-swinb/model.safetensors + model.json).
 `--checkpoint` converts a checkpoint already on disk instead of downloading (its md5 is still
 checked). Files are written atomically; a failed run leaves no half-written weights behind.
+
+`--cutout-only` skips the diffusion pipelines (about 13 GB; `make weights` fetches them).
+`--if-missing` does nothing when the cutout weights are already in place. `--offline-ok` turns a
+download that cannot reach the network into one line saying how to get test weights, and exit
+status 0, so `make run` goes on to serve what works without them.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import importlib.util
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from effects.inspyrenet import MODEL_SIZES, ModelLoadError, check_weights, save_weights
+from effects.inspyrenet import MANIFEST_FILE, MODEL_DIR, MODEL_SIZES, ModelLoadError, check_weights, save_weights
 from service.settings import get_settings
 
 DOWNLOAD_ATTEMPTS = 3
@@ -36,6 +44,10 @@ CHUNK_BYTES = 1 << 20
 
 class WeightsFetchError(RuntimeError):
     """A download, checksum or conversion failed; the message says which file and why."""
+
+
+class DownloadUnreachable(WeightsFetchError):
+    """The download never got an answer (no network, DNS, refused, timed out)."""
 
 
 @dataclass(frozen=True)
@@ -77,24 +89,45 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def download(url: str, target: Path) -> None:
-    """Stream `url` to `target` (atomically), retrying transient failures."""
+def download(
+    url: str,
+    target: Path,
+    *,
+    attempts: int = DOWNLOAD_ATTEMPTS,
+    quiet: bool = False,
+    on_start: Callable[[int | None], None] | None = None,
+) -> None:
+    """Stream `url` to `target` (atomically), retrying transient failures.
+
+    `on_start(content_length)` is called when the server starts answering. Raises
+    DownloadUnreachable when no attempt got as far as an HTTP answer (offline),
+    WeightsFetchError for any other failure.
+    """
     partial = target.with_name(f".{target.name}.partial")
     last_error: Exception | None = None
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+    answered = False
+    for attempt in range(1, attempts + 1):
         try:
             with urllib.request.urlopen(url, timeout=60) as response, partial.open("wb") as handle:
+                if not answered and on_start is not None:
+                    length = response.headers.get("Content-Length")
+                    on_start(int(length) if length and length.isdigit() else None)
+                answered = True
                 while chunk := response.read(CHUNK_BYTES):
                     handle.write(chunk)
             partial.replace(target)
             return
-        except OSError as exc:  # URLError and socket timeouts are OSErrors
+        except OSError as exc:  # URLError, HTTPError and socket timeouts are OSErrors
             last_error = exc
-            print(f"download of {url} failed (attempt {attempt}/{DOWNLOAD_ATTEMPTS}): {exc}", file=sys.stderr)
-            time.sleep(2.0 * attempt)
+            answered = answered or isinstance(exc, urllib.error.HTTPError)
+            if not quiet:
+                print(f"download of {url} failed (attempt {attempt}/{attempts}): {exc}", file=sys.stderr)
+            if attempt < attempts:
+                time.sleep(2.0 * attempt)
         finally:
             partial.unlink(missing_ok=True)
-    raise WeightsFetchError(f"could not download {url} after {DOWNLOAD_ATTEMPTS} attempts: {last_error}")
+    error = DownloadUnreachable if not answered else WeightsFetchError
+    raise error(f"could not download {url} after {attempts} attempts: {last_error}") from last_error
 
 
 def convert_checkpoint(
@@ -125,7 +158,20 @@ def convert_checkpoint(
     return save_weights(state, models_dir, base_size, source=source)
 
 
-def fetch_inspyrenet(models_dir: Path, mode: str = "base", checkpoint: Path | None = None) -> Path:
+def cutout_weights_present(models_dir: Path) -> bool:
+    """The serving layout is complete: the manifest is written last, so its presence says so."""
+    return (models_dir / MODEL_DIR / MANIFEST_FILE).is_file()
+
+
+def fetch_inspyrenet(
+    models_dir: Path,
+    mode: str = "base",
+    checkpoint: Path | None = None,
+    *,
+    attempts: int = DOWNLOAD_ATTEMPTS,
+    quiet: bool = False,
+    on_start: Callable[[int | None], None] | None = None,
+) -> Path:
     """Download (unless `checkpoint` is given), verify and convert InSPyReNet; returns the safetensors path."""
     origin = package_checkpoint_source(mode)
     source = f"transparent-background {origin.filename} ({origin.url}), md5 {origin.md5}"
@@ -136,7 +182,7 @@ def fetch_inspyrenet(models_dir: Path, mode: str = "base", checkpoint: Path | No
     models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=models_dir, prefix=".download-") as scratch:
         downloaded = Path(scratch) / origin.filename
-        download(origin.url, downloaded)
+        download(origin.url, downloaded, attempts=attempts, quiet=quiet, on_start=on_start)
         return convert_checkpoint(
             downloaded, models_dir, base_size=origin.base_size, expected_md5=origin.md5, source=source
         )
@@ -147,23 +193,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models_dir", type=Path, help="where the service reads weights (CUTOUT_MODELS_DIR)")
     parser.add_argument("--mode", choices=sorted(MODEL_SIZES), default="base", help="transparent-background mode")
     parser.add_argument("--checkpoint", type=Path, default=None, help="convert this .pth instead of downloading it")
+    parser.add_argument("--cutout-only", action="store_true", help="only InSPyReNet, not the diffusion pipelines")
+    parser.add_argument("--if-missing", action="store_true", help="do nothing when the cutout weights are in place")
+    parser.add_argument(
+        "--offline-ok", action="store_true", help="no network: say how to get test weights in one line, exit 0"
+    )
     args = parser.parse_args(argv)
 
+    if args.if_missing and args.checkpoint is None and cutout_weights_present(args.models_dir):
+        if not args.cutout_only:
+            return fetch_diffusion(args.models_dir)
+        return 0
     started = time.perf_counter()
+
+    def announce(length: int | None) -> None:
+        size = f"{length / 1e6:.0f} MB" if length else "a few hundred MB"
+        print(f"cutout: fetching the cutout weights ({size}, once) into {args.models_dir}/", file=sys.stderr)
+
     try:
-        path = fetch_inspyrenet(args.models_dir, args.mode, args.checkpoint)
+        path = fetch_inspyrenet(
+            args.models_dir,
+            args.mode,
+            args.checkpoint,
+            attempts=1 if args.offline_ok else DOWNLOAD_ATTEMPTS,
+            quiet=args.offline_ok,
+            on_start=announce,
+        )
+    except DownloadUnreachable as exc:
+        if not args.offline_ok:
+            print(f"cutout: {exc}", file=sys.stderr)
+            return 1
+        print(
+            f"cutout: offline ({_reason(exc)}), so no cutout weights in {args.models_dir}/: serving without "
+            "background removal; `make test-weights` makes random test weights offline, `make weights` fetches "
+            "the real ones",
+            file=sys.stderr,
+        )
+        return 0
     except WeightsFetchError as exc:
         print(f"cutout: {exc}", file=sys.stderr)
         return 1
     print(f"cutout: InSPyReNet_SwinB ({args.mode}) -> {path} ({time.perf_counter() - started:.1f} s)")
+    if args.cutout_only:
+        return 0
+    return fetch_diffusion(args.models_dir)
 
-    # Diffusion pipelines: fp16 safetensors via save_pretrained, ids from the service's settings.
+
+def _reason(exc: BaseException) -> str:
+    """Why the download got no answer, short: `[Errno -3] Temporary failure in name resolution`."""
+    cause = exc.__cause__ or exc
+    reason = getattr(cause, "reason", cause)
+    return str(reason) or reason.__class__.__name__
+
+
+def fetch_diffusion(models_dir: Path) -> int:
+    """Diffusion pipelines: fp16 safetensors via save_pretrained, ids from the service's settings."""
     settings = get_settings()
     if settings.diffusion_effects:
         from scripts.diffusion_weights import fetch_pipelines
 
         fetch_pipelines(
-            args.models_dir,
+            models_dir,
             settings.diffusion_effects,
             {
                 "upscale": settings.upscale_model,

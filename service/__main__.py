@@ -9,9 +9,10 @@ import sys
 from types import FrameType
 
 import uvicorn
+from pydantic import ValidationError
 
 from service.admission import Admission
-from service.app import create_app
+from service.app import EXIT_CANNOT_SERVE, create_app
 from service.logs import configure_logging
 from service.settings import get_settings
 
@@ -38,8 +39,20 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+EXIT_BAD_SETTING = 1
+
+
 def main() -> None:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        # A process that cannot start says why in one place and exits non-zero: Cloud Run shows the
+        # message in the revision's logs and does not count the instance as started.
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}" for error in exc.errors()
+        )
+        sys.stderr.write(f"cutout: invalid setting (CUTOUT_* environment variables): {problems}\n")
+        sys.exit(EXIT_BAD_SETTING)
     configure_logging(settings)
     app = create_app(settings)
     # log_config=None keeps our handlers; our access line (service.logs) replaces uvicorn's.
@@ -54,15 +67,29 @@ def main() -> None:
         # Annotated int, but uvicorn waits with asyncio.wait_for, which takes any seconds.
         timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
     )
-    DrainingServer(config, app.state.admission).run()
+    server = DrainingServer(config, app.state.admission)
+    exit_code: list[int] = []
+
+    def fail(code: int) -> None:
+        # Called on the event loop when the process cannot serve (model loading crashed).
+        exit_code.append(code)
+        server.should_exit = True
+
+    app.state.fail = fail
+    server.run()
+    if not server.started:
+        # The lifespan's start-up failed (e.g. CUTOUT_DEVICE=cuda without a GPU) or the port was
+        # taken: uvicorn has logged why. Non-zero, so Cloud Run restarts the instance instead of
+        # counting a clean exit (uvicorn.run exits 3 here too; Server.run alone returns).
+        exit_code.append(EXIT_CANNOT_SERVE)
     # Here uvicorn has drained, the lifespan has flushed telemetry, stopped the engine and closed
-    # the store, and asyncio has joined its worker threads: nothing is left to do but exit.
-    # Python's own teardown (a final garbage collection over every imported library) takes
-    # 3-5 s on two busy cores, most of what Cloud Run allows between SIGTERM and SIGKILL; skip it.
+    # the store: nothing is left to do but exit. Python's own teardown (a final garbage collection
+    # over every imported library, joining worker threads still finishing a forward or a weight
+    # read) takes seconds, most of what Cloud Run allows between SIGTERM and SIGKILL; skip it.
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(exit_code[0] if exit_code else 0)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from service import operations
 from service.admission import Admission, AdmissionMiddleware, IdleMemoryRelease
 from service.errors import install_error_handlers
 from service.flow import Flow
-from service.routes import compat, meta, process, results
+from service.links import LinkBaseMiddleware
+from service.routes import compat, meta, orders, process, results
 from service.settings import Settings, get_settings
 from service.upload import UploadLimitMiddleware
 
@@ -36,8 +37,9 @@ def build_store(settings: Settings) -> ResultStore:
             timeout_s=settings.gcs_timeout_s,
             retry_deadline_s=settings.gcs_retry_deadline_s,
             failure_cooldown_s=settings.gcs_failure_cooldown_s,
+            kept_max_age_days=settings.kept_max_age_days,
         )
-    return LocalStore(settings.cache_dir, settings.public_url)
+    return LocalStore(settings.cache_dir, settings.public_url, default_url=f"http://{settings.host}:{settings.port}")
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -52,6 +54,22 @@ def build_engine(settings: Settings) -> Engine:
     )
 
 
+def _loading_finished(app: FastAPI, task: asyncio.Task[None]) -> None:
+    """The staged start ended. If it crashed (a bug: every model failure is caught inside it), the
+    process cannot serve: it asks the server to exit with status 3, so Cloud Run restarts it."""
+    if task.cancelled() or task.exception() is None:
+        return
+    exc = task.exception()
+    log.critical("model loading crashed; the process cannot serve and exits", exc_info=exc)
+    fail = getattr(app.state, "fail", None)
+    if fail is not None:
+        fail(EXIT_CANNOT_SERVE)
+
+
+# The exit status of a process that cannot serve, as uvicorn's own for a failed lifespan start-up.
+EXIT_CANNOT_SERVE = 3
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -63,8 +81,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.engine = engine
         app.state.flow = Flow(engine, store, settings)
-        # Models load in the background so /health answers at once; /ready tells when they are warm.
-        loading = asyncio.create_task(engine.start(), name="cutout-model-loading")
+        # Models load in the background, the cutout model first (effects.engine.Engine.start), so
+        # /health answers at once and /ready turns 200 as soon as the storefront's work can run.
+        loading = asyncio.create_task(
+            engine.start(storefront_idle=lambda: admission.in_flight == 0), name="cutout-model-loading"
+        )
+        loading.add_done_callback(lambda task: _loading_finished(app, task))
         app.state.loading = loading
         running = operations.start(app, settings, engine)
         memory = IdleMemoryRelease(admission)
@@ -84,7 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loading.cancel()
             await asyncio.gather(loading, return_exceptions=True)
             await engine.stop()
-            store.close()
+            try:
+                async with asyncio.timeout(2.0):
+                    await operations.off_the_loop(store.close, "store-close")
+            except TimeoutError:
+                log.warning("closing the result store took over 2 s; left behind")
 
     app = FastAPI(
         title="Cutout",
@@ -104,9 +130,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(results.router)
     app.include_router(meta.router)
     app.include_router(compat.router)
+    app.include_router(orders.router)
     # The storefront client (`cutout.js`) and its demo page: plain files, no build step.
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_middleware(UploadLimitMiddleware, max_upload_bytes=settings.max_upload_bytes)
+    app.add_middleware(LinkBaseMiddleware)  # local links follow the host and port the client used
     # Outside the upload guard, inside the rate limit: refusals come before the body is read.
     app.add_middleware(AdmissionMiddleware, admission=admission)
     operations.install(app, settings)  # rate limits, access log, tracing, /warmup, /metrics

@@ -82,6 +82,12 @@ class NotReady(ServiceUnavailable):
     code = "not_ready"
 
 
+class ModelLoading(NotReady):
+    """The model an effect needs is still loading (a cold start): retry after `Retry-After`."""
+
+    code = "model_loading"
+
+
 class ModelUnavailable(ServiceUnavailable):
     code = "model_unavailable"
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from cache.keys import SHA256_HEX, Recipe, image_sha256, mask_object, result_object
+from cache.keys import SHA256_HEX, Recipe, image_sha256, mask_object, result_object, upload_object
 from cache.store import ResultStore, image_info
 from effects import EFFECTS
 from effects.background import Background
@@ -32,8 +32,8 @@ from service.errors import (
     GpuOutOfMemory,
     ImageNotCached,
     InvalidParameter,
+    ModelLoading,
     ModelUnavailable,
-    NotReady,
     UnknownEffect,
 )
 from service.settings import Settings
@@ -226,7 +226,7 @@ class Flow:
             for name in names:
                 self.engine.check_available(EFFECTS[name])
         except ModelNotReady as exc:
-            raise NotReady(str(exc), retry_after=5) from exc
+            raise ModelLoading(str(exc), retry_after=5) from exc
         except ModelMissing as exc:
             raise ModelUnavailable(str(exc), retry_after=60) from exc
 
@@ -295,7 +295,12 @@ class Flow:
         missing = [name for name in request.effects if name not in results]
         if missing:
             self.check_models(request, missing)
-            results.update(await self._compute(upload, image_hash, request, missing, timings))
+            # Held briefly, beside the computation, so an order can keep this photo by its hash (POST /v1/keep).
+            held = asyncio.create_task(self._store(upload_object(image_hash), upload, "application/octet-stream"))
+            try:
+                results.update(await self._compute(upload, image_hash, request, missing, timings))
+            finally:
+                await held
         timings["total"] = _ms_since(started)
         self._count(results.values())
         return ProcessOutcome(image_hash, {name: results[name] for name in request.effects}, timings)

@@ -1,6 +1,8 @@
 """Structured logs for Cloud Logging, and one access line per request.
 
-Each log record is one JSON object on stdout, which Cloud Logging parses into a structured
+`CUTOUT_LOG_FORMAT=auto` (the default) writes readable text lines in development and JSON
+everywhere else (`CUTOUT_ENVIRONMENT=staging|production`, which terraform sets on Cloud Run).
+In JSON, each log record is one JSON object on stdout, which Cloud Logging parses into a structured
 entry: `severity`, `message`, `time`, and `logging.googleapis.com/trace` /
 `logging.googleapis.com/spanId` / `logging.googleapis.com/trace_sampled`, which put the line
 under its request in Logs Explorer and Cloud Trace. Fields given with `extra=` become fields.
@@ -79,21 +81,34 @@ def trace_fields(project: str) -> dict[str, Any]:
 
 
 class TextFormatter(logging.Formatter):
-    """For a terminal: the same fields, on one readable line."""
+    """For a terminal (the default in development): one readable line, extra fields as key=value.
+
+    Fields the message already says (an access line's method, path, status and latency) are not
+    repeated; tracebacks follow on their own lines.
+    """
+
+    _SAID = frozenset({"method", "path", "status", "latency_ms"})
 
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        extras = {k: v for k, v in record.__dict__.items() if k not in _RECORD_FIELDS and not k.startswith("_")}
-        return f"{line} {json.dumps(extras, default=str)}" if extras else line
+        extras = [
+            f"{key}={value if isinstance(value, str | int | float) else json.dumps(value, default=str)}"
+            for key, value in record.__dict__.items()
+            if key not in _RECORD_FIELDS and not key.startswith("_") and key not in self._SAID
+        ]
+        if not extras:
+            return line
+        head, newline, rest = line.partition("\n")
+        return f"{head}  {' '.join(extras)}{newline}{rest}"
 
 
 def configure_logging(settings: Settings) -> None:
     """Route every logger (uvicorn's included) through one stdout handler in the chosen format."""
     handler = logging.StreamHandler(sys.stdout)
-    json_lines = settings.log_format == "json"
+    json_lines = settings.log_lines == "json"
     handler.setFormatter(CloudLoggingFormatter(settings.gcp_project) if json_lines else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -155,7 +170,8 @@ class AccessLogMiddleware:
             fields["gpu_seconds"] = round(record.gpu_seconds, 4)
         if record.upload_bytes:
             fields["upload_bytes"] = record.upload_bytes
-        level = logging.ERROR if status >= 500 else logging.INFO
+        # A 503 from /ready is the startup probe's "not yet" (or a draining instance): expected, not an error.
+        level = logging.ERROR if status >= 500 and record.path != "/ready" else logging.INFO
         access_log.log(level, "%s %s %d %.0f ms", record.method, record.path, status, latency_ms, extra=fields)
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+from collections.abc import Callable
 
 from fastapi import FastAPI
 
@@ -61,7 +64,40 @@ class Running:
     async def stop(self) -> None:
         if self.exporter is not None:
             await self.exporter.stop()
-        self.trace_export.shutdown()
+        # The trace exporter's flush is network I/O: off the event loop, so /health and requests
+        # still draining are answered meanwhile.
+        await off_the_loop(self.trace_export.shutdown, "trace-flush")
+
+
+def off_the_loop(work: Callable[[], object], name: str) -> asyncio.Future[None]:
+    """Run blocking shutdown work on a daemon thread; the future resolves when it is done.
+
+    Not the loop's default executor: `asyncio.run` joins that executor's threads before the process
+    may exit, so a flush cut short by the shutdown budget would hold the exit until it ended. A
+    daemon thread is left behind instead (`python -m service` exits without waiting for it).
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            work()
+        except Exception as exc:
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name=f"cutout-{name}", daemon=True).start()
+    return done
 
 
 def start(app: FastAPI, settings: Settings, engine: Engine) -> Running:

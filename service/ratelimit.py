@@ -32,8 +32,10 @@ Route families
 --------------
 `process` (every POST but `/warmup`: uploads that may run the GPU) gets the strict limit,
 `read` (results, the effects listing, health, readiness, metrics, documentation) the generous
-one, `/warmup` none (it is authenticated instead). Each family is one slowapi *shared* limit, so
-`POST /v1/process` and `POST /v1/effects/{effect}` draw on the same budget.
+one, `wake` a `POST /warmup` without a credential (a browser waking the service: answered with
+readiness only), and an authenticated `/warmup` none (the credential is checked instead).
+Each family is one slowapi *shared* limit, so `POST /v1/process` and `POST /v1/effects/{effect}`
+draw on the same budget.
 
 Why a middleware and not slowapi's route decorator: FastAPI reads the whole multipart body
 before a route (or its dependencies) runs, so a decorator would let an over-limit client upload
@@ -62,8 +64,9 @@ from service.settings import Settings
 
 log = logging.getLogger("cutout.ratelimit")
 
-Family = Literal["process", "read"]
+Family = Literal["process", "read", "wake"]
 WARMUP_PATH = "/warmup"
+WARMUP_CREDENTIAL_HEADERS = frozenset({b"x-warmup-token", b"authorization"})
 
 # slowapi logs every refusal with the client's address at WARNING; addresses stay out of our logs.
 logging.getLogger("slowapi").setLevel(logging.ERROR)
@@ -101,7 +104,8 @@ def normalise(address: str) -> str:
 
 def family_of(scope: Scope) -> Family | None:
     if scope["path"] == WARMUP_PATH:
-        return None
+        credential = any(name in WARMUP_CREDENTIAL_HEADERS for name, _ in scope.get("headers", ()))
+        return None if credential else "wake"
     return "process" if scope["method"] == "POST" else "read"
 
 
@@ -110,7 +114,11 @@ class RateLimits:
 
     def __init__(self, settings: Settings) -> None:
         self.trusted_proxy_hops = settings.trusted_proxy_hops
-        self.limits: dict[Family, str] = {"process": settings.rate_limit_process, "read": settings.rate_limit_read}
+        self.limits: dict[Family, str] = {
+            "process": settings.rate_limit_process,
+            "read": settings.rate_limit_read,
+            "wake": settings.rate_limit_wake,
+        }
         # moving-window: a client cannot double its budget by straddling a window boundary.
         self.limiter = Limiter(key_func=self.client_key, storage_uri="memory://", strategy="moving-window")
         self._checks: dict[Family, Callable[..., Awaitable[None]]] = {

@@ -50,7 +50,13 @@ class Settings(BaseSettings):
     gcs_timeout_s: float = Field(default=10.0, gt=0.0, le=120.0)
     gcs_retry_deadline_s: float = Field(default=2.0, ge=0.0, le=60.0)
     gcs_failure_cooldown_s: float = Field(default=15.0, ge=0.0, le=600.0)
-    public_url: str = "http://127.0.0.1:8080"
+    # Base of the links the local store answers (results, kept pictures). Empty: the scheme, host
+    # and port each request came in by, so `PORT=9000 make run` answers links that resolve.
+    public_url: str = ""
+    # Kept pictures (docs/storefront.md): the bucket deletes a kept object this many days after it
+    # was written whatever its keep-until date; a longer keep renews the object. Keep it equal to
+    # terraform's kept_max_age_days; 732 at least: the longest tier (730 days) and a day of grace.
+    kept_max_age_days: int = Field(default=1095, ge=732, le=3650)
 
     # Upload limits and defaults.
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
@@ -81,6 +87,8 @@ class Settings(BaseSettings):
     trusted_proxy_hops: int = Field(default=0, ge=0, le=10)
     rate_limit_process: str = "30/minute"
     rate_limit_read: str = "600/minute"
+    # POST /warmup without a credential (the storefront wakes the service from a browser).
+    rate_limit_wake: str = "10/minute"
     # POST /warmup: the shared token in `X-Warmup-Token`, or a Google-signed OIDC token (Cloud
     # Scheduler) for this audience, signed as this service account.
     warmup_token: str = ""
@@ -101,7 +109,14 @@ class Settings(BaseSettings):
     # L4 with zonal redundancy $0.0002909/s (without: $0.0001867/s) + 8 vCPU x $0.000018/s
     # + 32 GiB x $0.000002/s, the production shape in terraform/. Set it for other shapes.
     l4_usd_per_second: float = Field(default=0.000499, ge=0.0)
-    log_format: Literal["json", "text"] = "json"
+    # `json` lines for Cloud Logging, `text` for a terminal; `auto`: text in development, else json.
+    log_format: Literal["auto", "json", "text"] = "auto"
+
+    @property
+    def log_lines(self) -> Literal["json", "text"]:
+        if self.log_format == "auto":
+            return "text" if self.environment == "development" else "json"
+        return self.log_format
 
     @field_validator("diffusion_effects", "allowed_origins", mode="before")
     @classmethod
@@ -137,7 +152,7 @@ class Settings(BaseSettings):
             raise ValueError("CUTOUT_CACHE_BACKEND=gcs needs CUTOUT_CDN_URL (the CDN base URL serving /cache/*)")
         return self
 
-    @field_validator("rate_limit_process", "rate_limit_read")
+    @field_validator("rate_limit_process", "rate_limit_read", "rate_limit_wake")
     @classmethod
     def _parse_rate_limit(cls, value: str) -> str:
         from limits import parse_many

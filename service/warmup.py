@@ -8,7 +8,10 @@ Credentials, either of:
   accounts.google.com, for the audience `CUTOUT_WARMUP_AUDIENCE`, with the verified `email` of
   `CUTOUT_WARMUP_SERVICE_ACCOUNT`.
 
-No credential is 401; a credential that does not check out is 403.
+No credential: a browser waking the service (the storefront posts `/warmup` on page load). The
+request has done its job by arriving (Cloud Run starts an instance for it); it is answered with
+readiness and each model's state, without a forward pass (`wake_answer`), and rate-limited per
+client (`CUTOUT_RATE_LIMIT_WAKE`). A credential that does not check out is 403.
 
 Single flight: a call that arrives while a warm-up runs waits for that run and gets its answer,
 so a burst of calls (Scheduler retries, two schedulers) costs one forward per model.
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.errors import Forbidden, ServiceUnavailable, Unauthorized
+from service.routes.meta import effect_states, readiness
 from service.settings import Settings
 
 log = logging.getLogger("cutout.warmup")
@@ -162,9 +166,13 @@ class WarmupReport:
     timings_ms: dict[str, float]
     ready: bool
     models: dict[str, dict[str, Any]]
+    effects: dict[str, str]
 
     def describe(self) -> dict[str, Any]:
         return {
+            "warmed": True,
+            "model_ready": self.ready,
+            "effects": self.effects,
             "cold_start": self.cold_start,
             "uptime_s": self.uptime_s,
             "waited_for_models_s": self.waited_for_models_s,
@@ -173,6 +181,21 @@ class WarmupReport:
             "ready": self.ready,
             "models": self.models,
         }
+
+
+def wake_answer(engine: Any, cold_start: bool) -> dict[str, Any]:
+    """A browser's `/warmup`: readiness only, in the shape the storefront reads (`model_ready`,
+    `total_time` in seconds) and ours (`ready`, each effect's and model's state). No forward pass."""
+    started = time.perf_counter()
+    body = readiness(engine)
+    return {
+        "cold_start": cold_start,
+        "warmed": False,
+        "timings_ms": {},
+        "model_ready": bool(engine.ready),
+        **body,
+        "total_time": round(time.perf_counter() - started, 6),
+    }
 
 
 class Warmup:
@@ -194,16 +217,22 @@ class Warmup:
         self.runs += 1
         started = time.monotonic()
         if self.loading is not None and not self.loading.done():
-            # A cold instance: the models are still loading; warm them once they are in.
-            await asyncio.shield(self.loading)
+            # A cold instance: wait for the cutout model (the first stage of the start), then warm
+            # what is ready; diffusion pipelines still loading are reported as loading.
+            cutout = asyncio.ensure_future(self.engine.cutout_settled.wait())
+            try:
+                await asyncio.wait({cutout, asyncio.shield(self.loading)}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cutout.cancel()
         waited = time.monotonic() - started
         timings = await self.engine.warmup()
         return WarmupReport(
             cold_start=cold_start,
             uptime_s=round(time.monotonic() - self.engine.created_at, 3),
             waited_for_models_s=round(waited, 3),
-            model_load_s=None if self.engine.cold_start_seconds is None else round(self.engine.cold_start_seconds, 3),
+            model_load_s=self.engine.cutout_ready_seconds,
             timings_ms=timings,
             ready=bool(self.engine.ready),
             models=self.engine.describe_models(),
+            effects=effect_states(self.engine),
         )

@@ -1,7 +1,14 @@
 # The service: one container, one NVIDIA L4, instance-based billing (CPU always allocated, which Cloud
-# Run requires with a GPU), scaling to zero. Terraform owns the configuration; scripts/deploy.py owns
-# which image runs and where the traffic goes (`gcloud run deploy` keeps every other setting of the
-# revision template), hence the ignore_changes below.
+# Run requires with a GPU), scaling to zero.
+#
+# Who owns what (one owner each, so Terraform and releases never undo each other):
+#   Terraform            the revision template: env, secrets, scaling, CPU/memory, probes, identity
+#                        (everything but the image);
+#   scripts/deploy.py    the image, the traffic split and the revision tags.
+# `gcloud run deploy --image` copies every other setting from the current template, so a release ships
+# whatever Terraform last set. A Terraform change creates a revision that gets no traffic once a
+# release has pinned traffic to a named revision: it goes live with the next release, canary and all
+# (docs/deployment.md, "Who owns the service"). Hence the ignore_changes below.
 resource "google_cloud_run_v2_service" "cutout" {
   name                = local.name
   location            = var.region
@@ -11,7 +18,8 @@ resource "google_cloud_run_v2_service" "cutout" {
 
   # Browsers call the API anonymously through the load balancer; the service authenticates what needs
   # it (POST /warmup) itself. Disabling the invoker check avoids an allUsers IAM binding, which
-  # domain-restricted-sharing org policies forbid.
+  # domain-restricted-sharing org policies forbid; ingress (INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER by
+  # default) is what keeps the run.app URLs from being a way around Cloud Armor.
   invoker_iam_disabled = true
 
   template {
@@ -65,11 +73,13 @@ resource "google_cloud_run_v2_service" "cutout" {
       }
 
       # Restart an instance whose process stopped answering (a wedged event loop), not one that is
-      # merely busy: /health does no GPU work.
+      # merely busy: /health does no GPU work. It starts after the startup probe passed, while the
+      # diffusion pipelines may still be loading in the background, so it tolerates slow answers:
+      # four misses in a row, 30 s apart, 10 s each (about two minutes of silence) before a restart.
       liveness_probe {
         period_seconds    = 30
-        timeout_seconds   = 5
-        failure_threshold = 3
+        timeout_seconds   = 10
+        failure_threshold = 4
         http_get {
           path = "/health"
           port = 8080
@@ -84,12 +94,16 @@ resource "google_cloud_run_v2_service" "cutout" {
         }
       }
 
+      # "latest", resolved when an instance starts: no revision pins a version, so rotating the token
+      # (secrets.tf) never leaves a serving or rolled-back-to revision pointing at a version that was
+      # disabled, and it does not create a revision. The version resource is created before the old
+      # one is disabled (create_before_destroy), so "latest" always resolves.
       env {
         name = "CUTOUT_WARMUP_TOKEN"
         value_source {
           secret_key_ref {
             secret  = google_secret_manager_secret.warmup_token.secret_id
-            version = google_secret_manager_secret_version.warmup_token.version
+            version = "latest"
           }
         }
       }
@@ -102,7 +116,7 @@ resource "google_cloud_run_v2_service" "cutout" {
   }
 
   lifecycle {
-    # Deploys (scripts/deploy.py) set the image, name tagged revisions and move traffic.
+    # Releases (scripts/deploy.py) own the image, the revision names, the traffic split and the tags.
     ignore_changes = [
       template[0].containers[0].image,
       template[0].revision,
@@ -117,8 +131,10 @@ resource "google_cloud_run_v2_service" "cutout" {
     }
   }
 
+  # The first revision resolves the token's "latest" version at start: it must exist and be readable.
   depends_on = [
     google_project_service.enabled,
+    google_secret_manager_secret_version.warmup_token,
     google_secret_manager_secret_iam_member.runtime_reads_warmup_token,
   ]
 }

@@ -1,6 +1,9 @@
 # Global external Application Load Balancer (EXTERNAL_MANAGED) on https://<domain>:
 #   /cache/*  -> backend bucket (Cloud CDN) -> results bucket, with the /cache prefix stripped, so
 #                /cache/results/<key>.png reads the object results/<key>.png
+#   /canary/* -> backend service (Cloud Armor) -> serverless NEG -> the revision tagged "canary", with
+#                the /canary prefix stripped: how a release smoke-tests a revision before it gets
+#                traffic, through the same load balancer, Cloud Armor and X-Forwarded-For as customers
 #   /*        -> backend service (Cloud Armor) -> serverless NEG -> the Cloud Run service
 # Port 80 only redirects to HTTPS.
 
@@ -58,6 +61,40 @@ resource "google_compute_backend_service" "api" {
 
   backend {
     group = google_compute_region_network_endpoint_group.cutout.id
+  }
+
+  log_config {
+    enable      = true
+    sample_rate = 1.0
+  }
+}
+
+# The revision carrying the "canary" tag. scripts/deploy.py puts that tag on each new revision before it
+# gets traffic and leaves it on the revision that serves afterwards (or moves it back on rollback), so
+# /canary/ always reaches a revision once the first release is out. It is public like the API and
+# passes the same Cloud Armor policy; what it serves is either the serving revision or, for the minutes
+# of a release, the one about to serve.
+resource "google_compute_region_network_endpoint_group" "canary" {
+  name                  = "${local.name}-canary-neg"
+  region                = var.region
+  network_endpoint_type = "SERVERLESS"
+
+  cloud_run {
+    service = google_cloud_run_v2_service.cutout.name
+    tag     = local.canary_tag
+  }
+}
+
+resource "google_compute_backend_service" "canary" {
+  name                  = "${local.name}-canary"
+  description           = "Cutout API, the revision tagged ${local.canary_tag} (release smoke tests)"
+  load_balancing_scheme = "EXTERNAL_MANAGED"
+  protocol              = "HTTPS"
+  security_policy       = google_compute_security_policy.api.id
+  enable_cdn            = false
+
+  backend {
+    group = google_compute_region_network_endpoint_group.canary.id
   }
 
   log_config {
@@ -131,6 +168,20 @@ resource "google_compute_url_map" "https" {
         }
       }
     }
+
+    # /canary/ready reaches the canary revision's /ready, and so on.
+    route_rules {
+      priority = 2
+      service  = google_compute_backend_service.canary.id
+      match_rules {
+        prefix_match = local.canary_path
+      }
+      route_action {
+        url_rewrite {
+          path_prefix_rewrite = "/"
+        }
+      }
+    }
   }
 }
 
@@ -138,6 +189,8 @@ resource "google_compute_ssl_policy" "modern" {
   name            = "${local.name}-tls"
   profile         = "MODERN"
   min_tls_version = "TLS_1_2"
+
+  depends_on = [google_project_service.enabled]
 }
 
 resource "google_compute_target_https_proxy" "https" {
@@ -168,6 +221,8 @@ resource "google_compute_url_map" "http_redirect" {
     redirect_response_code = "MOVED_PERMANENTLY_DEFAULT"
     strip_query            = false
   }
+
+  depends_on = [google_project_service.enabled]
 }
 
 resource "google_compute_target_http_proxy" "http_redirect" {

@@ -9,7 +9,8 @@
 #   load_balancer.tf  address, certificate, serverless NEG, CDN backend bucket, URL map, proxies
 #   armor.tf          Cloud Armor policy
 #   scheduler.tf      the business-hours warmup job
-#   monitoring.tf     alert policies, the cache metric, the dashboard
+#   monitoring.tf     alert policies on the service, the cache metric, the dashboard
+#   health.tf         uptime check on the public URL; startup/crash, load balancer 5xx and uptime alerts
 #   budget.tf         the billing budget
 #   github.tf         Workload Identity Federation for GitHub Actions
 
@@ -27,4 +28,9 @@ locals {
 
   # The only places the load balancer's service agent may read: what the service writes for clients.
   public_prefixes = ["results/", "masks/"]
+
+  # Releases smoke-test the revision tagged canary_tag at <public URL>/canary/ (scripts/deploy.py
+  # CANARY_TAG and CANARY_PATH hold the same values).
+  canary_tag  = "canary"
+  canary_path = "/canary/"
 }

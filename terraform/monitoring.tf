@@ -3,8 +3,13 @@
 # (service/metrics.py) are custom.googleapis.com/cutout/<name> on the generic_task resource: counters
 # are CUMULATIVE INT64, latencies and per-image figures CUMULATIVE distributions, the rest gauges.
 
+# Cloud Monitoring rejects (400) an alert filter that does not restrict resource.type, ratio filters
+# included (terraform-provider-google #4165, #7179); tests/iac/test_terraform.py checks every filter
+# here, the dashboard's too.
 locals {
   run_filter = "resource.type = \"cloud_run_revision\" AND resource.label.service_name = \"${local.name}\""
+  # The service writes its own metrics on the generic_task resource (service/metrics.py).
+  custom_filter = "resource.type = \"generic_task\""
 
   alert_documentation = "Cutout ${var.environment}: see docs/deployment.md (Operating) for what each alert means and what to check first."
 }
@@ -193,8 +198,8 @@ resource "google_monitoring_alert_policy" "cache_hit_ratio" {
   conditions {
     display_name = "cache hits below ${var.alert_thresholds.min_cache_hit_ratio * 100}% of lookups for 1 h"
     condition_threshold {
-      filter             = "metric.type = \"${google_monitoring_metric_descriptor.cache_requests.type}\" AND metric.label.outcome = \"hit\""
-      denominator_filter = "metric.type = \"${google_monitoring_metric_descriptor.cache_requests.type}\" AND metric.label.outcome = one_of(\"hit\", \"miss\")"
+      filter             = "metric.type = \"${google_monitoring_metric_descriptor.cache_requests.type}\" AND ${local.custom_filter} AND metric.label.outcome = \"hit\""
+      denominator_filter = "metric.type = \"${google_monitoring_metric_descriptor.cache_requests.type}\" AND ${local.custom_filter} AND metric.label.outcome = one_of(\"hit\", \"miss\")"
       comparison         = "COMPARISON_LT"
       threshold_value    = var.alert_thresholds.min_cache_hit_ratio
       duration           = "3600s"
@@ -222,6 +227,8 @@ resource "google_monitoring_alert_policy" "cache_hit_ratio" {
     content   = local.alert_documentation
     mime_type = "text/markdown"
   }
+
+  depends_on = [google_project_service.enabled]
 }
 
 resource "google_monitoring_dashboard" "cutout" {
@@ -320,7 +327,7 @@ locals {
       series = [{
         legend = "$${metric.labels.outcome}"
         query = {
-          filter = "metric.type = \"custom.googleapis.com/cutout/cache_requests\""
+          filter = "metric.type = \"custom.googleapis.com/cutout/cache_requests\" AND ${local.custom_filter}"
           aggregation = {
             alignmentPeriod    = "300s"
             perSeriesAligner   = "ALIGN_RATE"
@@ -335,7 +342,7 @@ locals {
       series = [{
         legend = "$${metric.labels.family}"
         query = {
-          filter = "metric.type = \"custom.googleapis.com/cutout/rate_limited\""
+          filter = "metric.type = \"custom.googleapis.com/cutout/rate_limited\" AND ${local.custom_filter}"
           aggregation = {
             alignmentPeriod    = "300s"
             perSeriesAligner   = "ALIGN_RATE"
@@ -350,7 +357,7 @@ locals {
       series = [{
         legend = "$${metric.labels.stage}"
         query = {
-          filter = "metric.type = \"custom.googleapis.com/cutout/stage_latency_ms\""
+          filter = "metric.type = \"custom.googleapis.com/cutout/stage_latency_ms\" AND ${local.custom_filter}"
           aggregation = {
             alignmentPeriod    = "300s"
             perSeriesAligner   = "ALIGN_DELTA"
@@ -365,7 +372,7 @@ locals {
       series = [{
         legend = "max over instances"
         query = {
-          filter = "metric.type = \"custom.googleapis.com/cutout/gpu_memory_bytes\""
+          filter = "metric.type = \"custom.googleapis.com/cutout/gpu_memory_bytes\" AND ${local.custom_filter}"
           aggregation = {
             alignmentPeriod    = "60s"
             perSeriesAligner   = "ALIGN_MAX"
@@ -379,7 +386,7 @@ locals {
       series = [{
         legend = "cold start"
         query = {
-          filter = "metric.type = \"custom.googleapis.com/cutout/cold_start_seconds\""
+          filter = "metric.type = \"custom.googleapis.com/cutout/cold_start_seconds\" AND ${local.custom_filter}"
           aggregation = {
             alignmentPeriod    = "300s"
             perSeriesAligner   = "ALIGN_MAX"
@@ -393,7 +400,7 @@ locals {
       series = [{
         legend = "p50"
         query = {
-          filter = "metric.type = \"custom.googleapis.com/cutout/gpu_seconds_per_image\""
+          filter = "metric.type = \"custom.googleapis.com/cutout/gpu_seconds_per_image\" AND ${local.custom_filter}"
           aggregation = {
             alignmentPeriod    = "300s"
             perSeriesAligner   = "ALIGN_DELTA"
@@ -407,7 +414,7 @@ locals {
       series = [{
         legend = "p50"
         query = {
-          filter = "metric.type = \"custom.googleapis.com/cutout/cost_per_image_usd\""
+          filter = "metric.type = \"custom.googleapis.com/cutout/cost_per_image_usd\" AND ${local.custom_filter}"
           aggregation = {
             alignmentPeriod    = "300s"
             perSeriesAligner   = "ALIGN_DELTA"

@@ -9,8 +9,13 @@ output "lb_ip_address" {
 }
 
 output "service_url" {
-  description = "The Cloud Run service's own URL (bypasses the load balancer, Cloud Armor and the CDN)."
+  description = "The Cloud Run service's own URL. With the default ingress it answers only internal callers (Cloud Scheduler's warmup); browsers use public_url."
   value       = google_cloud_run_v2_service.cutout.uri
+}
+
+output "canary_url" {
+  description = "Where a release smoke-tests the revision tagged canary, through the load balancer and Cloud Armor."
+  value       = "${local.pub_url}${trimsuffix(local.canary_path, "/")}"
 }
 
 output "service_name" {

@@ -59,8 +59,13 @@ resource "google_artifact_registry_repository_iam_member" "deployer_reads" {
   member     = google_service_account.deployer.member
 }
 
-# The deploy workflow uploads `git archive` of the tagged commit here and builds from it, so neither
-# the deployer nor gcloud needs to create Cloud Build's default bucket (storage.buckets.create).
+# Cloud Build's source staging for releases. `gcloud builds submit` always copies the source into a
+# staging directory before the build starts, a gs:// source included (it rewrites the object there),
+# and without --gcs-source-staging-dir that directory is gs://<project>_cloudbuild/source, a bucket
+# gcloud creates when it is missing: the deployer can create no buckets and the build account could
+# not read it. deploy.yml therefore passes --gcs-source-staging-dir gs://<this bucket>/source: gcloud
+# checks the bucket exists (storage.buckets.get, legacyBucketReader), uploads the `git archive`
+# tarball into it (objectCreator), and the build account reads it from there (objectViewer).
 resource "google_storage_bucket" "build_sources" {
   #checkov:skip=CKV_GCP_62:Holds only source tarballs of public commits for a week; Cloud Audit Logs already record who wrote them.
   #checkov:skip=CKV_GCP_78:Every object is a tarball named by its commit and rewritten identically; versions would only keep duplicates.

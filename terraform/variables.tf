@@ -8,12 +8,12 @@ variable "project_id" {
 }
 
 variable "environment" {
-  description = "staging or production; passed to the service as CUTOUT_ENVIRONMENT."
+  description = "development, staging or production; passed to the service as CUTOUT_ENVIRONMENT. Only development may run without notification channels."
   type        = string
 
   validation {
-    condition     = contains(["staging", "production"], var.environment)
-    error_message = "environment must be staging or production."
+    condition     = contains(["development", "staging", "production"], var.environment)
+    error_message = "environment must be development, staging or production."
   }
 }
 
@@ -30,13 +30,19 @@ variable "region" {
 }
 
 variable "service_name" {
-  description = "Name of the Cloud Run service; also prefixes the other resources."
+  description = "Name of the Cloud Run service; also prefixes the other resources. At most 23 characters: the longest derived service account id, <name>-warmup / <name>-deploy, must stay within IAM's 30, and the buckets <project_id>-<name>-results / -build within Cloud Storage's 63."
   type        = string
   default     = "cutout"
 
   validation {
-    condition     = can(regex("^[a-z][a-z0-9-]{0,30}[a-z0-9]$", var.service_name))
-    error_message = "service_name must be 2-32 lowercase letters, digits or hyphens, starting with a letter."
+    # Service account ids: 6-30 characters, [a-z][a-z0-9-]*[a-z0-9]; "-warmup" and "-deploy" add 7.
+    condition     = can(regex("^[a-z][a-z0-9-]{0,21}[a-z0-9]$", var.service_name))
+    error_message = "service_name must be 2-23 lowercase letters, digits or hyphens, starting with a letter and ending with a letter or digit (so <name>-warmup fits a 30-character service account id)."
+  }
+  validation {
+    # Bucket names are at most 63 characters; "-results" is the longest suffix used.
+    condition     = length("${var.project_id}-${var.service_name}-results") <= 63
+    error_message = "project_id and service_name together are too long: the bucket name <project_id>-<service_name>-results must not exceed 63 characters."
   }
 }
 
@@ -60,13 +66,13 @@ variable "image" {
 }
 
 variable "ingress" {
-  description = "Cloud Run ingress. INGRESS_TRAFFIC_ALL keeps the run.app URL and revision-tag URLs reachable, which the deploy smoke test of a tagged, no-traffic revision needs; INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER forces every request through the load balancer (Cloud Armor, CDN) but then tagged revisions can only be smoke-tested from inside the project."
+  description = "Cloud Run ingress. INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER (the default) admits only the load balancer and internal sources (Cloud Scheduler in this project), so every browser request passes Cloud Armor and the client IP is always the 2nd X-Forwarded-For entry from the right; releases smoke-test the canary through the load balancer's /canary/ route. INGRESS_TRAFFIC_ALL also opens the run.app URLs, which bypass Cloud Armor (docs/deployment.md)."
   type        = string
-  default     = "INGRESS_TRAFFIC_ALL"
+  default     = "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"
 
   validation {
     condition     = contains(["INGRESS_TRAFFIC_ALL", "INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER"], var.ingress)
-    error_message = "ingress must be INGRESS_TRAFFIC_ALL or INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER."
+    error_message = "ingress must be INGRESS_TRAFFIC_INTERNAL_LOAD_BALANCER or INGRESS_TRAFFIC_ALL."
   }
 }
 
@@ -82,13 +88,23 @@ variable "min_instances" {
 }
 
 variable "max_instances" {
-  description = "Maximum instances: the cost cap. Each instance holds one L4; the project's Cloud Run L4 quota in the region must allow it."
+  description = "Maximum instances per revision: the cost cap in steady state. Each instance holds one L4. During a release the canary revision and the serving one each scale up to this, so the region's L4 quota (gpu_quota) must cover twice it."
   type        = number
   default     = 3
 
   validation {
     condition     = var.max_instances >= 1 && floor(var.max_instances) == var.max_instances
     error_message = "max_instances must be a whole number >= 1."
+  }
+}
+
+variable "gpu_quota" {
+  description = "The project's Cloud Run L4 quota in the region, as granted (with zonal redundancy, or without it when gpu_zonal_redundancy_disabled). Quota counts every instance of every revision and service in the region; during a canary two revisions each scale up to max_instances, so it must be at least 2 x max_instances (docs/deployment.md, What you need)."
+  type        = number
+
+  validation {
+    condition     = var.gpu_quota >= 2 * var.max_instances
+    error_message = "gpu_quota must be at least 2 x max_instances: during a release the canary and the serving revision each hold up to max_instances L4s, and GPU quota counts them all."
   }
 }
 
@@ -126,13 +142,18 @@ variable "cpu" {
 }
 
 variable "memory_gib" {
-  description = "Memory per instance in GiB. Cloud Run requires at least 16 GiB with an L4; the weights are read through the page cache while loading, so 32 GiB leaves room."
+  description = "Memory per instance in GiB. Cloud Run requires at least 16 GiB with an L4, and allows at most 4 GiB per vCPU (4 vCPU: up to 16 GiB, 6: up to 24, 8: up to 32); the weights are read through the page cache while loading, so 32 GiB leaves room."
   type        = number
   default     = 32
 
   validation {
     condition     = var.memory_gib >= 16 && var.memory_gib <= 32 && floor(var.memory_gib) == var.memory_gib
-    error_message = "memory_gib must be a whole number from 16 to 32."
+    error_message = "memory_gib must be a whole number from 16 (Cloud Run's minimum with a GPU) to 32."
+  }
+  validation {
+    # Cloud Run's CPU/memory table: more than 16 GiB needs 6 vCPU, more than 24 GiB needs 8.
+    condition     = var.memory_gib <= var.cpu * 4
+    error_message = "memory_gib exceeds what Cloud Run allows for this cpu: at most 16 GiB with 4 vCPU, 24 GiB with 6, 32 GiB with 8."
   }
 }
 
@@ -143,18 +164,23 @@ variable "gpu_zonal_redundancy_disabled" {
 }
 
 variable "startup_probe" {
-  description = "HTTP startup probe on /ready. Cloud Run caps failure_threshold x period_seconds at 240 s and initial_delay_seconds at 240 s; timeout_seconds may not exceed period_seconds."
+  description = "HTTP startup probe on /ready, which answers 200 once the cutout model is warm. Cloud Run caps failure_threshold x period_seconds at 240 s and initial_delay_seconds at 240 s; timeout_seconds may not exceed period_seconds. The budget (initial delay + threshold x period) must cover an L4 cold start of the cutout stage."
   type = object({
     initial_delay_seconds = number
     period_seconds        = number
     timeout_seconds       = number
     failure_threshold     = number
   })
+  # 120 x 2 s = 240 s (Cloud Run's most), far above the ~13-15 s an L4 cold start of the cutout stage
+  # is estimated to take (docs/capacity.md, "Cold start": imports, 0.2 GB of weights, one warm forward;
+  # /ready does not wait for the diffusion pipelines). Probed every 2 s so an instance takes traffic
+  # within 2 s of the cutout model being warm; a probe that times out while the process is busy
+  # importing only spends one of the 120 tries.
   default = {
     initial_delay_seconds = 0
-    period_seconds        = 10
-    timeout_seconds       = 5
-    failure_threshold     = 24
+    period_seconds        = 2
+    timeout_seconds       = 2
+    failure_threshold     = 120
   }
 
   validation {
@@ -307,13 +333,21 @@ variable "warmup_paused" {
 # ---------------------------------------------------------------- monitoring and budget
 
 variable "notification_channel_ids" {
-  description = "Cloud Monitoring notification channels (projects/<p>/notificationChannels/<id>) for alerts and the budget (the budget takes at most 5)."
+  description = "Cloud Monitoring notification channels (projects/<p>/notificationChannels/<id>) for alerts and the budget (the budget takes at most 5). Required outside development: an alert nobody receives protects nothing."
   type        = list(string)
   default     = []
 
   validation {
     condition     = length(var.notification_channel_ids) <= 5
     error_message = "A billing budget accepts at most 5 notification channels."
+  }
+  validation {
+    condition     = var.environment == "development" || length(var.notification_channel_ids) >= 1
+    error_message = "staging and production need at least one notification channel (create one under Monitoring > Alerting > Edit notification channels)."
+  }
+  validation {
+    condition     = alltrue([for channel in var.notification_channel_ids : can(regex("^projects/[^/]+/notificationChannels/[^/]+$", channel))])
+    error_message = "notification_channel_ids must be full names: projects/<project>/notificationChannels/<id>."
   }
 }
 
@@ -360,5 +394,29 @@ variable "github_repository" {
   validation {
     condition     = can(regex("^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$", var.github_repository))
     error_message = "github_repository must look like owner/name."
+  }
+}
+
+# ---------------------------------------------------------------- kept pictures (storage.tf)
+
+variable "upload_retention_days" {
+  description = "Days a processed photo is held under uploads/ so an order can keep it by its sha256 (POST /v1/keep with image_sha256); after that the photo must be sent again."
+  type        = number
+  default     = 7
+
+  validation {
+    condition     = var.upload_retention_days >= 1 && floor(var.upload_retention_days) == var.upload_retention_days
+    error_message = "upload_retention_days must be a whole number of days, 1 or more."
+  }
+}
+
+variable "kept_max_age_days" {
+  description = "Backstop: a kept picture (kept/) is deleted this many days after it was last written, whatever its keep-until date. Longer than the longest tier (archived, 730 days); the service (CUTOUT_KEPT_MAX_AGE_DAYS, same default) renews an object whose keep needs longer."
+  type        = number
+  default     = 1095
+
+  validation {
+    condition     = var.kept_max_age_days >= 732 && floor(var.kept_max_age_days) == var.kept_max_age_days
+    error_message = "kept_max_age_days must be a whole number of days, at least 732 (the archived tier plus the lifecycle's day of grace)."
   }
 }

@@ -1,6 +1,7 @@
 terraform {
-  # 1.5+: `check` blocks and variable validations; the lifecycle preconditions below need 1.2+.
-  required_version = ">= 1.5.0"
+  # 1.9+: variable validations that refer to other variables (cpu with memory_gib, the channels with
+  # environment, the derived names with project_id, gpu_quota with max_instances).
+  required_version = ">= 1.9.0"
 
   required_providers {
     google = {

@@ -54,8 +54,10 @@ def post_process(client: TestClient | httpx.Client, upload: bytes, **fields: str
 def assert_store_clean(cache_dir: Path) -> int:
     """No temporary file left behind, and every object matches the checksum written with it.
 
-    Returns how many objects the store holds. A checksum sidecar without its object may remain
-    after a failed write (the sidecar is written first); it is never trusted on its own.
+    Returns how many results and masks the store holds (photos held for an order to keep,
+    `uploads/`, are checked but not counted: a request holds its photo while it computes). A
+    checksum sidecar without its object may remain after a failed write (the sidecar is written
+    first); it is never trusted on its own.
     """
     leftovers = [path for path in cache_dir.rglob(".tmp-*")]
     assert not leftovers, f"temporary files left in the store: {leftovers}"
@@ -67,7 +69,7 @@ def assert_store_clean(cache_dir: Path) -> int:
         assert sidecar.is_file(), f"object without checksum: {path}"
         expected = sidecar.read_text(encoding="ascii").strip()
         assert hashlib.sha256(path.read_bytes()).hexdigest() == expected, f"partial or corrupt object: {path}"
-        objects += 1
+        objects += path.parent.name != "uploads"
     return objects
 
 
@@ -135,6 +137,8 @@ def test_a_store_failing_mid_request_serves_right_bytes_and_leaves_no_partial_ob
         again = post_effect(client, upload, effect)
         assert again.headers["x-cache"] == "HIT" and again.content == expected[effect]
     assert assert_store_clean(cache_dir) == len(CLASSIC)
+    # And the photo, held for an order to keep (uploads/<sha256>, written beside the first miss).
+    assert (cache_dir / "uploads" / hashlib.sha256(upload).hexdigest()).read_bytes() == upload
     assert client.get("/health").status_code == 200
 
 

@@ -8,6 +8,7 @@ front of it shows the precondition on the wire and answers the 412 real storage 
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import hashlib
 import io
 import json
@@ -25,6 +26,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from PIL import Image
 
+import cache.gcs
 from cache.gcs import GcsStore
 from cache.store import IMMUTABLE_CACHE_CONTROL, StoreError
 from tests import images
@@ -112,6 +114,11 @@ def proxy(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Recor
 
 def is_upload(request: Recorded) -> bool:
     return request.method == "POST" and request.path.startswith(f"/upload/storage/v1/b/{BUCKET}/o")
+
+
+def is_result_upload(request: Recorded) -> bool:
+    """An upload of a result (the flow also holds each processed photo under uploads/)."""
+    return is_upload(request) and b'"name": "results/' in request.body
 
 
 def storage_error(status: int, reason: str) -> bytes:
@@ -337,7 +344,7 @@ def test_service_recomputes_and_repairs_a_corrupt_result(
     assert recomputed.status_code == 200
     assert recomputed.headers["x-cache"] == "MISS", "a corrupt object is a miss, never served"
     assert recomputed.content == first.content
-    (repair,) = proxy.recorded(is_upload)
+    (repair,) = proxy.recorded(is_result_upload)
     assert repair.query["ifGenerationMatch"] == [str(generation)]
 
     repaired = post_effect(client, upload)
@@ -351,12 +358,15 @@ def test_a_412_on_a_concurrent_write_is_a_miss_not_a_bypass(
 ) -> None:
     client = gcs_client()
     proxy.inject(
-        412, when=is_upload, headers={"Content-Type": "application/json"}, body=storage_error(412, "conditionNotMet")
+        412,
+        when=is_result_upload,
+        headers={"Content-Type": "application/json"},
+        body=storage_error(412, "conditionNotMet"),
     )
     response = post_effect(client, images.png(48, 32, seed=10))
     assert response.status_code == 200
     assert response.headers["x-cache"] == "MISS"
-    assert [r.status for r in proxy.recorded(is_upload)] == [412]
+    assert [r.status for r in proxy.recorded(is_result_upload)] == [412]
     assert client.app.state.flow.store_errors == 0  # type: ignore[attr-defined]
 
 
@@ -402,3 +412,192 @@ def test_storage_going_away_mid_test_serves_uncached_quickly(
     # The first request pays for the bounded retries; the cool-down spares the ones after it.
     assert latencies[0] < 5.0
     assert max(latencies[1:]) < 2.0
+
+
+# ---------------------------------------------------------------------------------- kept pictures
+
+
+def kept_name(data: bytes, extension: str = "png") -> str:
+    return f"kept/{hashlib.sha256(data).hexdigest()}.{extension}"
+
+
+def is_patch(request: Recorded) -> bool:
+    return request.method == "PATCH" and request.path.startswith(f"/storage/v1/b/{BUCKET}/o/")
+
+
+def in_days(days: float) -> dt.datetime:
+    return (dt.datetime.now(dt.UTC) + dt.timedelta(days=days)).replace(microsecond=0)
+
+
+def test_keep_writes_once_with_its_date_in_the_same_request(proxy: RecordingProxy, emulator: Emulator) -> None:
+    store = make_store()
+    data = png(20)
+    name = kept_name(data)
+    until = in_days(7)
+
+    assert store.keep(name, data, "image/png", until) == until
+
+    (upload,) = proxy.recorded(is_upload)
+    assert upload.query["ifGenerationMatch"] == ["0"], "a kept picture is never written over another"
+    # The keep-until date travels with the bytes: no moment where the object exists without it.
+    assert f'"customTime": "{until.strftime("%Y-%m-%dT%H:%M:%S")}'.encode() in upload.body
+    blob = emulator.client().bucket(BUCKET).get_blob(name)
+    assert blob.custom_time == until
+    assert blob.metadata["sha256"] == hashlib.sha256(data).hexdigest()
+    assert store.get(name) == data
+    assert store.kept_url(name) == f"{CDN}/cache/{name}"
+    with pytest.raises(ValueError, match="sha256"):
+        store.keep(kept_name(png(21)), data, "image/png", until)
+
+
+def test_a_later_keep_lengthens_an_earlier_one_never_shortens(proxy: RecordingProxy, emulator: Emulator) -> None:
+    store = make_store()
+    data = png(22)
+    name = kept_name(data)
+    week, half_year = in_days(7), in_days(180)
+    store.keep(name, data, "image/png", week)
+    generation = emulator.client().bucket(BUCKET).get_blob(name).generation
+
+    proxy.clear()
+    assert store.keep(name, data, "image/png", half_year) == half_year
+    assert not proxy.recorded(is_upload), "lengthening is a metadata patch, not a second upload"
+    (patch,) = proxy.recorded(is_patch)
+    assert "ifMetagenerationMatch" in patch.query
+    assert json.loads(patch.body) == {"customTime": half_year.strftime("%Y-%m-%dT%H:%M:%S.%fZ")}
+
+    proxy.clear()
+    assert store.keep(name, data, "image/png", week) == half_year, "a shorter keep leaves the longer date"
+    assert not proxy.recorded(is_upload) and not proxy.recorded(is_patch)
+    blob = emulator.client().bucket(BUCKET).get_blob(name)
+    assert blob.custom_time == half_year and blob.generation == generation
+
+
+def test_a_keep_racing_another_reads_again_instead_of_overwriting(proxy: RecordingProxy, emulator: Emulator) -> None:
+    store = make_store()
+    data = png(23)
+    name = kept_name(data)
+    store.keep(name, data, "image/png", in_days(7))
+    # Real storage answers 412 when the metageneration moved (another keep patched first).
+    proxy.inject(
+        412, when=is_patch, headers={"Content-Type": "application/json"}, body=storage_error(412, "conditionNotMet")
+    )
+    proxy.clear()
+    target = in_days(30)
+    assert store.keep(name, data, "image/png", target) == target
+    patches = proxy.recorded(is_patch)
+    assert [p.status for p in patches] == [412, 200]
+    assert not proxy.recorded(is_upload)
+    assert store.failures == 0
+
+
+def test_a_corrupt_kept_object_is_replaced_with_the_right_bytes(proxy: RecordingProxy, emulator: Emulator) -> None:
+    store = make_store()
+    data = png(24)
+    name = kept_name(data)
+    store.keep(name, data, "image/png", in_days(30))
+    corrupt_generation = corrupt(emulator, name, png(25))
+
+    assert store.get(name) is None, "bytes that fail their sha256 are never served"
+
+    proxy.clear()
+    week = in_days(7)
+    assert store.keep(name, data, "image/png", week) == week
+    (repair,) = proxy.recorded(is_upload)
+    assert repair.query["ifGenerationMatch"] == [str(corrupt_generation)], "exactly the corrupt version is replaced"
+    assert store.get(name) == data
+
+
+def test_keeping_past_the_backstop_age_renews_the_object(
+    proxy: RecordingProxy, emulator: Emulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With a 10-day backstop (the bucket deletes kept objects 10 days after they were written), an
+    # object written 8 days ago cannot be promised 5 more days by a date alone: the same bytes are
+    # written as a new generation, which restarts the object's age, and the date is carried over.
+    store = make_store(kept_max_age_days=10)
+    data = png(26)
+    name = kept_name(data)
+    store.keep(name, data, "image/png", in_days(5))
+    generation = emulator.client().bucket(BUCKET).get_blob(name).generation
+
+    eight_days_on = dt.datetime.now(dt.UTC) + dt.timedelta(days=8)
+    monkeypatch.setattr(cache.gcs, "now_utc", lambda: eight_days_on)
+    proxy.clear()
+    target = (eight_days_on + dt.timedelta(days=5)).replace(microsecond=0)
+    assert store.keep(name, data, "image/png", target) == target
+    (renewal,) = proxy.recorded(is_upload)
+    assert renewal.query["ifGenerationMatch"] == [str(generation)], "exactly the version that was read"
+    blob = emulator.client().bucket(BUCKET).get_blob(name)
+    assert blob.custom_time == target and blob.generation != generation
+    assert store.get(name) == data
+
+
+def test_a_keep_longer_than_the_backstop_allows_is_refused_not_promised(proxy: RecordingProxy) -> None:
+    store = make_store(kept_max_age_days=10)
+    data = png(29)
+    with pytest.raises(StoreError, match="backstop"):
+        store.keep(kept_name(data), data, "image/png", in_days(30))
+    assert not proxy.recorded(is_upload)
+
+
+def test_service_keeps_an_orders_pictures_in_the_bucket(
+    proxy: RecordingProxy, emulator: Emulator, gcs_client: Callable[..., TestClient]
+) -> None:
+    client = gcs_client()
+    upload = images.png(48, 32, seed=27)
+    processed = client.post(
+        "/v1/process",
+        data={"effects": "dithering,popart", "background": "none"},
+        files={"image": ("p.png", upload, "image/png")},
+    )
+    assert processed.status_code == 200, processed.text
+    sha = hashlib.sha256(upload).hexdigest()
+    bucket = emulator.client().bucket(BUCKET)
+    held = bucket.get_blob(f"uploads/{sha}")
+    assert held is not None and held.download_as_bytes() == upload, "the processed photo is held for the order"
+
+    urls = [result["url"] for result in processed.json()["results"].values()]
+    kept = client.post(
+        "/v1/keep",
+        data={"results": " ".join(urls), "image_sha256": sha, "tier": "order_completed"},
+        headers={"Origin": ORIGIN},
+    )
+    assert kept.status_code == 200, kept.text
+    assert kept.headers["access-control-allow-origin"] == ORIGIN
+    answer = kept.json()
+    entries = [*answer["results"].values(), answer["original"]]
+    assert answer["original"]["sha256"] == sha
+    for entry in entries:
+        name = f"kept/{entry['sha256']}.png"
+        assert entry["url"] == f"{CDN}/cache/{name}"
+        blob = bucket.get_blob(name)
+        assert blob.custom_time.isoformat().replace("+00:00", "Z") == entry["kept_until"]
+        assert blob.custom_time - dt.datetime.now(dt.UTC) > dt.timedelta(days=179)
+        assert hashlib.sha256(blob.download_as_bytes()).hexdigest() == entry["sha256"]
+    for result in processed.json()["results"].values():
+        kept_bytes = bucket.get_blob(f"kept/{answer['results'][result['key'] + '.png']['sha256']}.png")
+        assert kept_bytes.download_as_bytes() == bucket.get_blob(f"results/{result['key']}.png").download_as_bytes()
+
+
+def test_service_answers_503_when_a_keep_cannot_be_written(
+    proxy: RecordingProxy, gcs_client: Callable[..., TestClient]
+) -> None:
+    client = gcs_client()
+    proxy.inject(
+        503,
+        when=lambda r: True,
+        times=1000,
+        headers={"Content-Type": "application/json"},
+        body=storage_error(503, "backendError"),
+    )
+    response = client.post(
+        "/store-image",
+        data={"session_id": "pet_1_1", "image_type": "original", "tier": "temporary"},
+        files={"file": ("cat.png", images.png(40, 30, seed=28), "image/png")},
+        headers={"Origin": ORIGIN},
+    )
+    assert response.status_code == 503, response.text
+    assert response.json()["code"] == "service_unavailable"
+    assert "not kept yet" in response.json()["detail"]
+    assert response.headers["retry-after"]
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert client.get("/health").status_code == 200

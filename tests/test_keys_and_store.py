@@ -111,3 +111,33 @@ def test_no_partial_object_is_ever_visible(tmp_path: Path) -> None:
     assert all(store.get(name) == payload for name in names)
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".tmp-")]
     assert leftovers == []
+
+
+def test_local_keep_only_lengthens_replaces_a_corrupt_copy_and_refuses_a_wrong_name(tmp_path: Path) -> None:
+    import datetime as dt
+    import hashlib
+
+    from cache.keys import kept_object
+
+    store = LocalStore(tmp_path, "http://x")
+    data = b"\x89PNG picture bytes"
+    name = kept_object(hashlib.sha256(data).hexdigest(), "png")
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    week, year = now + dt.timedelta(days=7), now + dt.timedelta(days=365)
+
+    assert store.get(name) is None
+    assert store.keep(name, data, "image/png", week) == week
+    assert store.keep(name, data, "image/png", year) == year
+    assert store.keep(name, data, "image/png", week) == year, "never shortened"
+    assert store.get(name) == data
+    assert store.kept_url(name) == f"http://x/v1/kept/{name.removeprefix('kept/')}"
+
+    (tmp_path / name).write_bytes(b"rotten")
+    assert store.get(name) is None, "a corrupt kept copy is never served"
+    assert store.keep(name, data, "image/png", week) == year, "repaired, and its date kept"
+    assert store.get(name) == data
+
+    with pytest.raises(ValueError, match="sha256"):
+        store.keep(kept_object("0" * 64, "png"), data, "image/png", week)
+    with pytest.raises(ValueError, match="not a store object name"):
+        store.get("kept/../results/x.png")

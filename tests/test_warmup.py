@@ -137,9 +137,10 @@ def test_shared_token_single_flight_and_cold_start(client_factory: Callable[...,
     assert set(body["timings_ms"]) == {"cutout"} and body["timings_ms"]["cutout"] > 0
     assert engine.forwards_run == batches + 1  # one real forward through the cutout model
 
-    missing = client.post("/warmup", headers={"Origin": "https://shop.example"})
-    assert missing.status_code == 401 and missing.json()["code"] == "unauthorized"
-    assert missing.headers["access-control-allow-origin"] == "https://shop.example"
+    # Without a credential (a browser waking the service): readiness only, no forward pass.
+    anonymous = client.post("/warmup", headers={"Origin": "https://shop.example"})
+    assert anonymous.status_code == 200 and anonymous.json()["warmed"] is False
+    assert anonymous.headers["access-control-allow-origin"] == "https://shop.example"
     wrong = client.post("/warmup", headers={"X-Warmup-Token": TOKEN + "x"})
     assert wrong.status_code == 403 and wrong.json()["code"] == "forbidden"
     assert client.post("/warmup", headers={"Authorization": "Bearer nope"}).status_code == 403
@@ -238,3 +239,64 @@ def test_placeholder_tokens_are_refused_outside_development() -> None:
         Settings(warmup_audience=AUDIENCE)
     assert Settings(environment="production", warmup_token=TOKEN).warmup_token == TOKEN
     assert Settings(environment="production", warmup_audience=AUDIENCE, warmup_service_account=SCHEDULER)
+
+
+# ------------------------------------------------------------------------ a browser waking the service
+
+
+def theme_warmup(client: TestClient) -> Any:
+    """The storefront's call as `assets/api-client.js` builds it: fetch POST, JSON content type, a
+    plain object as the body (which fetch sends as the text "[object Object]"), from the shop's origin."""
+    return client.post(
+        "/warmup",
+        content=b"[object Object]",
+        headers={"Content-Type": "application/json", "Accept": "application/json", "Origin": "https://shop.example"},
+    )
+
+
+def test_a_browser_wakes_the_service_but_never_makes_it_work(
+    client_factory: Callable[..., TestClient], models_dir: Path
+) -> None:
+    client = client_factory(warmup_token=TOKEN, models_dir=models_dir, rate_limit_wake="3/minute")
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    runner = client.app.state.warmup  # type: ignore[attr-defined]
+    forwards, runs = engine.forwards_run, runner.runs
+
+    answers = [theme_warmup(client) for _ in range(3)]
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["access-control-allow-origin"] == "https://shop.example"
+        body = answer.json()
+        # What the theme reads, and ours: readiness and each effect's state, nothing warmed.
+        assert body["model_ready"] is True and body["ready"] is True
+        assert isinstance(body["total_time"], float) and body["total_time"] < 1.0
+        assert body["warmed"] is False and body["timings_ms"] == {}
+        assert body["effects"]["cutout"] == "ready" and body["effects"]["blackwhite"] == "ready"
+        assert body["models"]["cutout"]["status"] == "ready"
+    assert engine.forwards_run == forwards and runner.runs == runs  # no forward, no warm-up run
+
+    # Rate-limited per client, with CORS, before anything runs.
+    refused = theme_warmup(client)
+    assert refused.status_code == 429 and refused.json()["code"] == "rate_limited"
+    assert int(refused.headers["retry-after"]) > 0
+    assert refused.headers["access-control-allow-origin"] == "https://shop.example"
+    # The Scheduler's authenticated call is not in that budget and still runs the real warm-up.
+    scheduled = client.post("/warmup", headers={"X-Warmup-Token": TOKEN})
+    assert scheduled.status_code == 200 and scheduled.json()["warmed"] is True
+    assert engine.forwards_run == forwards + 1
+    # A credential that does not check out is still refused, not treated as a browser.
+    assert client.post("/warmup", headers={"X-Warmup-Token": "not-it"}).status_code == 403
+
+
+def test_a_browser_waking_a_cold_instance_gets_an_answer_at_once(tmp_path: Path, models_dir: Path) -> None:
+    settings = make_settings(tmp_path, warmup_token=TOKEN, models_dir=models_dir)
+    with TestClient(create_app(settings)) as client:  # no waiting: the cutout model is loading now
+        engine = client.app.state.engine  # type: ignore[attr-defined]
+        assert engine.ready is False
+        answer = theme_warmup(client)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["model_ready"] is False and body["ready"] is False
+        assert body["effects"]["cutout"] == "loading" and body["effects"]["blackwhite"] == "ready"
+        assert body["cold_start"] is True and body["warmed"] is False
+        assert client.app.state.warmup.runs == 0  # type: ignore[attr-defined]

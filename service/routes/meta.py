@@ -9,14 +9,20 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from effects import EFFECTS
+from effects.engine import CUTOUT, Engine
 from service.deps import EngineDep
 
 router = APIRouter(tags=["service"])
 
 
+def effect_states(engine: Engine) -> dict[str, str]:
+    """Each effect's state now: ready, loading (retry shortly), missing or failed (unavailable)."""
+    return {name: engine.effect_state(effect) for name, effect in EFFECTS.items()}
+
+
 @router.get("/v1/effects")
 async def list_effects(engine: EngineDep) -> dict[str, Any]:
-    """Every effect: what it does, its version, whether it can run now, and its parameters."""
+    """Every effect: what it does, its version, whether it can run now (and its state), and its parameters."""
     return {
         "effects": [
             {
@@ -25,6 +31,7 @@ async def list_effects(engine: EngineDep) -> dict[str, Any]:
                 "description": effect.description,
                 "version": effect.version,
                 "available": engine.is_available(effect),
+                "state": engine.effect_state(effect),
                 "params_schema": effect.params_schema(),
             }
             for effect in EFFECTS.values()
@@ -38,17 +45,29 @@ async def health(engine: EngineDep) -> dict[str, Any]:
     return {"status": "ok", "uptime_s": round(time.monotonic() - engine.created_at, 3)}
 
 
+def readiness(engine: Engine) -> dict[str, Any]:
+    """What /ready and an unauthenticated /warmup answer: the stages of the start and each effect's state."""
+    return {
+        "ready": engine.ready,
+        "all_models_ready": engine.all_ready,
+        "uptime_s": round(time.monotonic() - engine.created_at, 3),
+        "startup": engine.describe_startup(),
+        "effects": effect_states(engine),
+        "models": engine.describe_models(),
+    }
+
+
 @router.get("/ready", response_model=None)
 async def ready(engine: EngineDep) -> dict[str, Any] | JSONResponse:
-    """Readiness: 200 once every configured model is loaded and warm, else 503 naming what is missing."""
-    models = engine.describe_models()
+    """The startup probe: 200 once the cutout model is warm (the cutout and classic effects can serve),
+    while diffusion pipelines may still be loading; else 503 naming what is missing. The body shows
+    each effect's and each model's state."""
+    body = readiness(engine)
     if engine.ready:
-        return {"status": "ready", "cold_start_s": engine.cold_start_seconds, "models": models}
-    waiting = [
-        f"{name} ({state['status']}: {state['detail']})" for name, state in models.items() if state["status"] != "ready"
-    ]
+        return {"status": "ready", "cold_start_s": engine.cutout_ready_seconds, **body}
+    cutout = engine.states[CUTOUT]
     return JSONResponse(
-        {"detail": "not ready: " + "; ".join(waiting), "code": "not_ready", "models": models},
+        {"detail": f"not ready: cutout ({cutout.status}: {cutout.detail})", "code": "not_ready", **body},
         status_code=503,
         headers={"Retry-After": "5"},
     )

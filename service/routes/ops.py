@@ -11,7 +11,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.metrics import Metrics
 from service.settings import Settings
 from service.telemetry import current_request
-from service.warmup import Warmup, WarmupAuth
+from service.warmup import Warmup, WarmupAuth, wake_answer
 
 router = APIRouter(tags=["operations"])
 
@@ -36,12 +36,27 @@ async def metrics_access(
         await require_warmup_credential(request, x_warmup_token, authorization)
 
 
-@router.post("/warmup", dependencies=[Depends(require_warmup_credential)])
-async def warmup(request: Request) -> dict[str, Any]:
-    """Run one tiny real forward through every loaded model (Cloud Scheduler keeps an instance warm)."""
-    runner: Warmup = request.app.state.warmup
+@router.post("/warmup")
+async def warmup(
+    request: Request,
+    x_warmup_token: Annotated[str | None, Header(description="The shared warm-up token.")] = None,
+    authorization: Annotated[str | None, Header(description="Bearer <Google-signed OIDC token>.")] = None,
+) -> dict[str, Any]:
+    """Keep an instance warm.
+
+    With a credential (Cloud Scheduler): one tiny real forward through every ready model, and failed
+    models loaded again. Without one (a browser waking the service, as the storefront does on page
+    load): the request itself has woken the instance; the answer is its readiness and each model's
+    state, no forward pass, and it is rate-limited per client. A credential that does not check out
+    is still refused (403).
+    """
     record = current_request()
-    report = await runner.run(cold_start=record.cold_start if record is not None else False)
+    cold_start = record.cold_start if record is not None else False
+    if x_warmup_token is None and authorization is None:
+        return wake_answer(request.app.state.engine, cold_start)
+    await require_warmup_credential(request, x_warmup_token, authorization)
+    runner: Warmup = request.app.state.warmup
+    report = await runner.run(cold_start=cold_start)
     return report.describe()
 
 

@@ -19,6 +19,12 @@ memory_gib                    = 32
 gpu_zonal_redundancy_disabled = false
 deletion_protection           = true
 
+# Cloud Run L4 quota granted in the region: at least 2 x max_instances (a canary and the
+# serving revision can each scale to max_instances during a release).
+gpu_quota = 8
+
+# Processed photos held for an order to keep by hash (kept pictures live by their own dates).
+upload_retention_days = 7
 result_retention_days = 30
 
 armor_rate_limit = {
@@ -30,8 +36,9 @@ warmup_schedule  = "*/10 8-19 * * 1-5"
 warmup_time_zone = "America/New_York"
 warmup_paused    = false
 
-# projects/<project>/notificationChannels/<id> (create e-mail / Slack / PagerDuty channels first).
-notification_channel_ids = []
+# projects/<project>/notificationChannels/<id> (create e-mail / Slack / PagerDuty channels first);
+# required outside development. Replace this placeholder with yours.
+notification_channel_ids = ["projects/cutout-production/notificationChannels/0000000000000000000"]
 monthly_budget_usd       = 1500
 
 alert_thresholds = {

@@ -1,5 +1,6 @@
 # Staging: same shape as production, cheaper capacity, scales to zero, no warm instance.
-# project_id, domain, billing_account_id and github_repository are yours to fill in.
+# project_id, domain, billing_account_id, github_repository, gpu_quota and the notification channel
+# are yours to fill in.
 project_id         = "cutout-staging"
 environment        = "staging"
 region             = "us-central1"
@@ -18,6 +19,12 @@ memory_gib                    = 32
 gpu_zonal_redundancy_disabled = true
 deletion_protection           = false
 
+# Cloud Run L4 quota granted in the region: at least 2 x max_instances (a canary and the
+# serving revision can each scale to max_instances during a release).
+gpu_quota = 2
+
+# Processed photos held for an order to keep by hash (kept pictures live by their own dates).
+upload_retention_days = 3
 result_retention_days = 7
 
 armor_rate_limit = {
@@ -28,7 +35,8 @@ armor_rate_limit = {
 # Staging is warmed by hand (or by a deploy); the job exists but is paused.
 warmup_paused = true
 
-notification_channel_ids = []
+# Required outside development: replace this placeholder with your channel.
+notification_channel_ids = ["projects/cutout-staging/notificationChannels/0000000000000000000"]
 monthly_budget_usd       = 300
 
 alert_thresholds = {

@@ -127,6 +127,30 @@ def test_cloud_build_uses_a_large_worker_caches_layers_and_tags_with_tag_and_com
     assert "IMAGE=${_REGION}-docker.pkg.dev/${PROJECT_ID}/${_REPOSITORY}/${_IMAGE_NAME}" in env
 
 
+def build_step() -> dict[str, Any]:
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text(encoding="utf-8"))
+    step: dict[str, Any] = next(step for step in build["steps"] if step["id"] == "build-and-push")
+    return step
+
+
+def test_cloud_build_pins_a_buildx_that_talks_to_its_docker_daemon() -> None:
+    # Cloud Build's daemon speaks API 1.41; buildx 0.31-0.32 require >= 1.44 (docker/buildx#3654),
+    # 0.33.0 lowered the floor to 1.40 (docker/buildx#3684).
+    build = yaml.safe_load((ROOT / "cloudbuild.yaml").read_text(encoding="utf-8"))
+    version = build["substitutions"]["_BUILDX_VERSION"]
+    match = re.fullmatch(r"v(\d+)\.(\d+)\.(\d+)", version)
+    assert match and (int(match.group(1)), int(match.group(2))) >= (0, 33), version
+    assert re.fullmatch(r"[0-9a-f]{64}", build["substitutions"]["_BUILDX_SHA256"])
+    script = build_step()["args"][-1]
+    install = script.index("sha256sum --check")
+    assert install < script.index("docker buildx create") < script.index("docker buildx build")
+    assert "buildx-$${BUILDX_VERSION}.linux-amd64" in script and '/cli-plugins"' in script
+    assert "$${plugins}/docker-buildx" in script
+    assert "BUILDX_VERSION=${_BUILDX_VERSION}" in build_step()["env"]
+    # Negotiation, not a pinned API version: that would break when the daemon drops 1.41.
+    assert "DOCKER_API_VERSION" not in (ROOT / "cloudbuild.yaml").read_text(encoding="utf-8").split("steps:")[1]
+
+
 # ---------------------------------------------------------------- workflows
 
 
@@ -181,17 +205,66 @@ def test_deploy_builds_then_canaries_then_promotes_10_50_100_and_rolls_back() ->
     assert "gcloud builds submit" in script and "--config cloudbuild.yaml" in script and "_TAG=$GIT_TAG" in script
     order = [
         "scripts/deploy.py deploy",
-        'scripts/deploy.py smoke --url "$TAG_URL"',
+        'scripts/deploy.py smoke --url "$CANARY_URL"',
         "--percent 10",
         "--percent 50",
         "--percent 100",
+        "scripts/deploy.py untag",
     ]
     positions = [script.index(marker) for marker in order]
     assert positions == sorted(positions)
     assert script.count("scripts/deploy.py check") == 3
     rollback = deploy_steps()[-1]
-    assert rollback["if"].startswith("failure()")
     assert "scripts/deploy.py rollback --to-revision" in rollback["run"]
+
+
+def test_rollback_runs_on_failure_timeout_and_cancellation() -> None:
+    rollback = deploy_steps()[-1]
+    condition = rollback["if"].replace(" ", "")
+    # A cancelled run (or a job cancelled at its timeout) skips `if: failure()` steps, leaving traffic
+    # split; cancelled() runs them, and GitHub gives them 5 minutes after a cancellation.
+    assert condition.startswith("(failure()||cancelled())&&")
+    assert "steps.deploy.outputs.previous_revision!=''" in condition
+    assert rollback["timeout-minutes"] <= 5
+    # Tag cleanup after a checked release must not roll it back.
+    untag = next(step for step in deploy_steps() if "scripts/deploy.py untag" in step.get("run", ""))
+    assert untag["continue-on-error"] is True
+
+
+def test_step_timeouts_fit_inside_the_jobs() -> None:
+    # If the steps could outlast the job, the job timeout would cancel a step mid-way; with every step
+    # bounded and the sum under the job's limit, a slow step fails on its own and the rollback runs.
+    for name in WORKFLOWS:
+        for job_name, job in workflow(name)["jobs"].items():
+            if name != "deploy":
+                continue
+            timeouts = [step.get("timeout-minutes") for step in job["steps"]]
+            assert all(isinstance(minutes, int) and minutes > 0 for minutes in timeouts), (job_name, timeouts)
+            assert sum(timeouts) <= job["timeout-minutes"], (job_name, sum(timeouts), job["timeout-minutes"])
+
+
+def test_builds_stage_the_source_in_the_bucket_the_build_account_reads() -> None:
+    # Without --gcs-source-staging-dir gcloud copies the source (a gs:// one too) into
+    # gs://<project>_cloudbuild, creating that bucket: the deployer cannot, the build account cannot read it.
+    script = "\n".join(step.get("run", "") for step in deploy_steps())
+    submits = [line for line in script.split("gcloud builds submit")[1:]]
+    assert submits
+    for submit in submits:
+        command = submit.split("\n\n")[0]
+        assert '--gcs-source-staging-dir "gs://$BUILD_SOURCES_BUCKET/source"' in command
+        assert "--service-account" in command
+    env = workflow("deploy")["jobs"]["release"]["env"]
+    assert env["BUILD_SOURCES_BUCKET"] == "${{ vars.BUILD_SOURCES_BUCKET }}"
+    outputs = (ROOT / "terraform" / "outputs.tf").read_text(encoding="utf-8")
+    assert "BUILD_SOURCES_BUCKET           = google_storage_bucket.build_sources.name" in outputs
+
+
+def test_canary_is_smoke_tested_through_the_load_balancer() -> None:
+    steps = {step.get("name", ""): step for step in deploy_steps()}
+    smoke = steps["Smoke-test the canary through the load balancer"]
+    assert smoke["env"]["CANARY_URL"] == "${{ steps.deploy.outputs.canary_url }}"
+    # No step talks to a run.app URL: with internal-and-load-balancer ingress they are unreachable.
+    assert "run.app" not in WORKFLOWS["deploy"].read_text(encoding="utf-8")
 
 
 def test_deploy_steps_never_interpolate_expressions_into_scripts() -> None:

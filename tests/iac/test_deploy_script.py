@@ -64,20 +64,13 @@ class FakeGcloud:
 # ---------------------------------------------------------------- pure helpers
 
 
-@pytest.mark.parametrize(
-    ("git_tag", "tag"),
-    [("v1.4.0", "v1-4-0"), ("v1.4.0-rc.1", "v1-4-0-rc-1"), ("V2.0.0+Build.7", "v2-0-0-build-7"), ("1.0.0", "r-1-0-0")],
-)
-def test_revision_tag_is_a_valid_cloud_run_tag(git_tag: str, tag: str) -> None:
-    assert deploy.revision_tag(git_tag, "cutout") == tag
-
-
-def test_revision_tag_fits_beside_the_service_name() -> None:
-    tag = deploy.revision_tag("v" + "9" * 80, "cutout")
-    assert len(tag) + len("cutout") <= deploy.MAX_TAG_AND_SERVICE
-    assert not tag.endswith("-")
+def test_canary_url_is_the_load_balancers_canary_route() -> None:
+    assert deploy.canary_url("https://cutout.example.com/") == "https://cutout.example.com/canary"
+    assert deploy.CANARY_PATH == "/canary/"
+    with pytest.raises(deploy.DeployError, match="PUBLIC_URL"):
+        deploy.canary_url("")
     with pytest.raises(deploy.DeployError):
-        deploy.revision_tag("...", "cutout")
+        deploy.canary_url("http://cutout.example.com")
 
 
 def test_serving_revision_is_the_largest_share_and_resolves_latest() -> None:
@@ -94,13 +87,21 @@ def test_serving_revision_is_the_largest_share_and_resolves_latest() -> None:
     assert deploy.serving_revision(service, excluding="cutout-00002-new") == "cutout-00001-old"
 
 
-def test_tagged_target_finds_the_revision_and_its_url() -> None:
+def test_tagged_revision_and_the_tags_to_remove() -> None:
     service = json.loads(
-        described([{"revisionName": "cutout-9", "tag": "v1-0-0", "url": "https://v1-0-0---x.run.app"}])
+        described(
+            [
+                {"revisionName": "cutout-3", "percent": 100, "tag": "canary"},
+                {"revisionName": "cutout-2", "percent": 0, "tag": "v1-0-0"},
+                {"revisionName": "cutout-1", "percent": 0, "tag": "v0-9-0"},
+                {"revisionName": "cutout-2", "percent": 0, "tag": "v1-0-0"},
+            ]
+        )
     )
-    assert deploy.tagged_target(service, "v1-0-0") == ("cutout-9", "https://v1-0-0---x.run.app")
+    assert deploy.tagged_revision(service, "canary") == "cutout-3"
+    assert deploy.tags_except(service, "canary") == ["v1-0-0", "v0-9-0"]
     with pytest.raises(deploy.DeployError):
-        deploy.tagged_target(service, "v9-9-9")
+        deploy.tagged_revision(service, "v9-9-9")
 
 
 @pytest.mark.parametrize(
@@ -148,7 +149,7 @@ def test_error_counts_sums_5xx_against_all() -> None:
 # ---------------------------------------------------------------- gcloud commands
 
 
-def test_deploy_pins_the_digest_adds_a_no_traffic_tagged_revision_and_reports_it(
+def test_deploy_pins_the_digest_moves_the_canary_tag_to_a_no_traffic_revision_and_reports_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "github_output"
@@ -156,65 +157,130 @@ def test_deploy_pins_the_digest_adds_a_no_traffic_tagged_revision_and_reports_it
     image = "us-central1-docker.pkg.dev/proj/cutout/cutout:v1.2.0"
     gcloud = FakeGcloud(
         [
-            described([{"revisionName": "cutout-00001-old", "percent": 100}]),
+            # After the previous release the serving revision carries the canary tag.
+            described([{"revisionName": "cutout-00001-old", "percent": 100, "tag": "canary"}]),
             described(
                 [
                     {"revisionName": "cutout-00001-old", "percent": 100},
-                    {
-                        "revisionName": "cutout-00002-new",
-                        "percent": 0,
-                        "tag": "v1-2-0",
-                        "url": "https://v1-2-0---c.run.app",
-                    },
+                    {"revisionName": "cutout-00002-new", "percent": 0, "tag": "canary"},
                 ]
             ),
         ],
         {"artifacts docker images describe": "sha256:" + "a" * 64 + "\n"},
     )
-    assert (
-        deploy.main(
-            ["--project", "proj", "--region", "us-central1", "deploy", "--image", image, "--git-tag", "v1.2.0"], gcloud
-        )
-        == 0
-    )
+    argv = ["--project", "proj", "--region", "us-central1", "--public-url", "https://cutout.example.com"]
+    assert deploy.main([*argv, "deploy", "--image", image], gcloud) == 0
 
+    free = gcloud.calls.index(
+        ["run", "services", "update-traffic", "cutout", *TARGET.flags(), "--remove-tags", "canary"]
+    )
     run_deploy = next(call for call in gcloud.calls if call[:2] == ["run", "deploy"])
+    assert free < gcloud.calls.index(run_deploy)
     assert "--no-traffic" in run_deploy
-    assert run_deploy[run_deploy.index("--tag") + 1] == "v1-2-0"
+    assert run_deploy[run_deploy.index("--tag") + 1] == "canary"
     assert (
         run_deploy[run_deploy.index("--image") + 1]
         == "us-central1-docker.pkg.dev/proj/cutout/cutout@sha256:" + "a" * 64
     )
     assert run_deploy[run_deploy.index("--project") + 1] == "proj"
     outputs = dict(line.split("=", 1) for line in output.read_text().splitlines())
-    assert outputs["tag"] == "v1-2-0"
+    assert outputs["tag"] == "canary"
     assert outputs["revision"] == "cutout-00002-new"
-    assert outputs["tag_url"] == "https://v1-2-0---c.run.app"
+    assert outputs["canary_url"] == "https://cutout.example.com/canary"
     assert outputs["previous_revision"] == "cutout-00001-old"
+
+
+def test_a_deploy_that_fails_half_way_has_already_reported_where_to_roll_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "github_output"
+    monkeypatch.setenv("GITHUB_OUTPUT", str(output))
+
+    class RevisionNeverReady(FakeGcloud):
+        def __call__(self, args: Sequence[str]) -> str:
+            if list(args[:2]) == ["run", "deploy"]:
+                raise deploy.DeployError("Revision 'cutout-00002-new' is not ready and cannot serve traffic")
+            return super().__call__(args)
+
+    gcloud = RevisionNeverReady(
+        [described([{"revisionName": "cutout-00001-old", "percent": 100, "tag": "canary"}])],
+        {"artifacts docker images describe": "sha256:" + "b" * 64},
+    )
+    argv = ["--project", "proj", "--region", "us-central1", "--public-url", "https://cutout.example.com"]
+    assert deploy.main([*argv, "deploy", "--image", "r/cutout:v2"], gcloud) == 1
+    outputs = dict(line.split("=", 1) for line in output.read_text().splitlines())
+    # deploy.yml's rollback step runs when previous_revision is set: it puts the canary tag back.
+    assert outputs == {"previous_revision": "cutout-00001-old", "canary_url": "https://cutout.example.com/canary"}
 
 
 def test_deploy_refuses_an_image_it_cannot_resolve() -> None:
     gcloud = FakeGcloud([described([{"revisionName": "old", "percent": 100}])], {"artifacts": "\n"})
     with pytest.raises(deploy.DeployError, match="digest"):
-        deploy.deploy(gcloud, TARGET, "r/cutout:v1", "v1")
+        deploy.deploy(gcloud, TARGET, "r/cutout:v1", "https://cutout.example.com")
     assert not any(call[:2] == ["run", "deploy"] for call in gcloud.calls)
 
 
-def test_promote_and_rollback_move_traffic() -> None:
+def test_deploy_needs_the_public_url_before_touching_anything() -> None:
     gcloud = FakeGcloud([])
-    deploy.promote(gcloud, TARGET, "v1-2-0", 10)
-    deploy.rollback(gcloud, TARGET, "cutout-00001-old")
+    assert (
+        deploy.main(["--project", "p", "--region", "r", "--public-url", "", "deploy", "--image", "i:v1"], gcloud) == 1
+    )
+    assert gcloud.calls == []
+
+
+def test_promote_moves_traffic_to_the_canary_tag() -> None:
+    gcloud = FakeGcloud([])
+    deploy.promote(gcloud, TARGET, 10)
     assert gcloud.calls[0][:4] == ["run", "services", "update-traffic", "cutout"]
-    assert gcloud.calls[0][-2:] == ["--to-tags", "v1-2-0=10"]
-    assert gcloud.calls[1][-2:] == ["--to-revisions", "cutout-00001-old=100"]
+    assert gcloud.calls[0][-2:] == ["--to-tags", "canary=10"]
     with pytest.raises(deploy.DeployError):
-        deploy.promote(gcloud, TARGET, "v1-2-0", 0)
+        deploy.promote(gcloud, TARGET, 0)
+
+
+def test_untag_removes_every_tag_but_the_canary() -> None:
+    gcloud = FakeGcloud(
+        [
+            described(
+                [
+                    {"revisionName": "cutout-3", "percent": 100, "tag": "canary"},
+                    {"revisionName": "cutout-2", "percent": 0, "tag": "v1-0-0"},
+                    {"revisionName": "cutout-1", "percent": 0, "tag": "v0-9-0"},
+                ]
+            ),
+            described([{"revisionName": "cutout-3", "percent": 100, "tag": "canary"}]),
+        ]
+    )
+    assert deploy.untag(gcloud, TARGET) == ["v1-0-0", "v0-9-0"]
+    assert gcloud.calls[-1][-2:] == ["--remove-tags", "v1-0-0,v0-9-0"]
+    calls = len(gcloud.calls)
+    assert deploy.untag(gcloud, TARGET) == []
+    assert len(gcloud.calls) == calls + 1  # only the describe: nothing to remove
+
+
+def test_rollback_moves_traffic_first_then_the_canary_tag_then_drops_stale_tags() -> None:
+    gcloud = FakeGcloud(
+        [
+            described(
+                [
+                    {"revisionName": "cutout-00001-old", "percent": 100, "tag": "canary"},
+                    {"revisionName": "cutout-00002-bad", "percent": 0, "tag": "v1-2-0"},
+                ]
+            )
+        ]
+    )
+    deploy.rollback(gcloud, TARGET, "cutout-00001-old")
+    changes = [call[-2:] for call in gcloud.calls if call[:3] == ["run", "services", "update-traffic"]]
+    assert changes == [
+        ["--to-revisions", "cutout-00001-old=100"],
+        ["--update-tags", "canary=cutout-00001-old"],
+        ["--remove-tags", "v1-2-0"],
+    ]
 
 
 def test_commands_other_than_smoke_need_a_project_and_region(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GCP_PROJECT_ID", raising=False)
     monkeypatch.delenv("GCP_REGION", raising=False)
-    assert deploy.main(["promote", "--tag", "t", "--percent", "10"], FakeGcloud([])) == 2
+    assert deploy.main(["promote", "--percent", "10"], FakeGcloud([])) == 2
 
 
 # ---------------------------------------------------------------- over a real socket
