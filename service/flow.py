@@ -27,7 +27,7 @@ from effects import EFFECTS
 from effects.background import Background
 from effects.base import Effect, EffectParams
 from effects.engine import CUTOUT, Engine, ModelMissing, ModelNotReady, OutOfMemory
-from service import imaging
+from service import codecs, imaging
 from service.errors import (
     GpuOutOfMemory,
     ImageNotCached,
@@ -311,9 +311,18 @@ class Flow:
         engine = self.engine
         clock = time.perf_counter()
         with stage("decode", bytes=len(upload)) as span:
-            decoded = await asyncio.to_thread(imaging.decode, upload, self.settings.max_pixels)
-            span.set_attribute("cutout.pixels", int(decoded.pixels.shape[0] * decoded.pixels.shape[1]))
-            image = await asyncio.to_thread(engine.upload, decoded.pixels)
+            loaded = await asyncio.to_thread(
+                codecs.load,
+                upload,
+                self.settings.max_pixels,
+                request.max_size,
+                engine.device,
+                engine.upload,
+                request.background.needs_mask,
+            )
+            image = loaded.image
+            span.set_attribute("cutout.pixels", int(image.shape[-2] * image.shape[-1]))
+            span.set_attribute("cutout.decoder", loaded.decoder)
         timings["decode"] = _ms_since(clock)
 
         clock = time.perf_counter()
@@ -348,7 +357,7 @@ class Flow:
             effect_ms.append(_ms_since(clock))
             clock = time.perf_counter()
             with stage("encode", format=request.format) as span:
-                data = await asyncio.to_thread(imaging.encode, pixels, request.format, self.settings.png_compress_level)
+                data = await codecs.encode_async(pixels, request.format, self.settings.png_compress_level)
                 span.set_attribute("cutout.bytes", len(data))
             encode_ms.append(_ms_since(clock))
             key = self.result_key(image_hash, name, request)

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(default=50_000_000, ge=4096)
     default_max_size: int = Field(default=2048, ge=64, le=4096)
-    png_compress_level: int = Field(default=3, ge=0, le=9)
+    png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib-ng level; see docs/codecs.md
 
     # Admission and shutdown (service/admission.py, docs/capacity.md). Processing requests an
     # instance holds at once, from admission to answer; beyond it: 503 overloaded, body unread.
