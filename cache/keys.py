@@ -12,6 +12,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+# The version of everything a key does not name field by field: the canonical JSON's layout and
+# the pipeline around the recipe, decoding included. A change of decoder (or of the resize after
+# it) whose working images differ from the previous decoder's by more than the tolerance stated in
+# docs/codecs.md (per channel: max 16 levels, p99.9 6 levels of 255) bumps it, so no stored result
+# is served for a recipe that would now look different. A change within that tolerance keeps the
+# keys: the same recipe already differs by as much between the CPU and an L4 (nvJPEG vs
+# libjpeg-turbo, fp16 vs fp32), and a key names a recipe, not bit-exact bytes. The libjpeg-turbo
+# decode with DCT scaling and 8-bit resize that replaced Pillow's full decode is within it.
 SCHEMA_VERSION = 1
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 

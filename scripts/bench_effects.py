@@ -6,7 +6,10 @@ Targets (a 2048 x 1536 RGBA cutout, two CPU cores, `torch.set_num_threads(2)`):
 
 * each effect: median <= 100 ms and peak extra memory <= 200 MB;
 * a whole four-effect request: decode a JPEG with Pillow -> RGBA float tensor -> the four effects
-  -> encode each result as PNG with Pillow (compress_level=3): median <= 1 s.
+  -> encode each result as PNG with Pillow (compress_level=3): median <= 1 s. The same request
+  with the service's codecs (`service.codecs`: libjpeg-turbo decode, PNG through libpng +
+  zlib-ng at level 1 on the encoder pool) is measured beside it; docs/codecs.md has the codec
+  benchmark proper (scripts/bench_codecs.py).
 
 Timing: `--runs` timed calls after two warm-up calls; median and 90th percentile of wall time
 (`time.perf_counter`).
@@ -53,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from effects import blackwhite, dithering, popart, retro8bit
 from effects.base import Effect
 from scripts.effects_gallery import synthetic_pet
+from service import codecs
 
 EFFECTS: tuple[Effect, ...] = (blackwhite.EFFECT, dithering.EFFECT, popart.EFFECT, retro8bit.EFFECT)
 EFFECT_TARGET_MS = 100.0
@@ -138,6 +142,10 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _host_tensor(pixels: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(pixels)).permute(2, 0, 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="2048x1536", help="WIDTHxHEIGHT of the test photo")
@@ -206,10 +214,23 @@ def main() -> None:
         with ThreadPoolExecutor(max_workers=len(EFFECTS)) as pool:
             return list(pool.map(one_effect, EFFECTS, [image] * len(EFFECTS)))
 
+    def new_codecs_request() -> list[bytes]:
+        # The service now: libjpeg-turbo decode (service.codecs), the effects one after another,
+        # each result handed to the encoder pool (libpng + zlib-ng, level 1) as soon as it is rendered.
+        loaded = codecs.load(jpeg_bytes, 10**9, max(width, height), torch.device("cpu"), _host_tensor, False)
+        image = to_tensor(loaded.image.permute(1, 2, 0).numpy())
+        pool = codecs.encode_pool()
+        futures = []
+        for effect in EFFECTS:
+            assert effect.apply is not None
+            futures.append(pool.submit(codecs.encode, to_pixels(effect.apply(image, effect.params(), 7)), "png", 1))
+        return [future.result() for future in futures]
+
     request_runs = max(3, args.runs // 3)
     for name, request in (
         ("whole request, sequential (JPEG->4 fx->4 PNG)", sequential_request),
-        ("whole request, concurrent as the service", concurrent_request),
+        ("whole request, concurrent as the service was", concurrent_request),
+        ("whole request, new codecs (service.codecs)", new_codecs_request),
     ):
         samples = timings_ms(request, request_runs)
         memory = peak_extra_mb(request)

@@ -38,7 +38,7 @@ from effects import EFFECTS
 from effects.background import Background
 from effects.base import Effect, EffectParams
 from effects.engine import CUTOUT, Engine, ModelMissing, ModelNotReady, OutOfMemory, release_device_memory
-from service import imaging
+from service import codecs, imaging
 from service.admission import MemoryBudget
 from service.errors import (
     CutoutError,
@@ -406,24 +406,33 @@ class Flow:
         *,
         want_bytes: bool,
     ) -> dict[str, EffectResult]:
-        clock = time.perf_counter()
-        with stage("decode", bytes=len(upload)) as span:
-            decoded = await run_thread(imaging.decode, upload, self.settings.max_pixels)
-            height, width, channels = decoded.pixels.shape
-            span.set_attribute("cutout.pixels", int(height * width))
-        timings["decode"] = _ms_since(clock)
-        needed = self.engine.working_bytes(
-            height, width, channels, request.max_size, mask=request.background.needs_mask
-        )
         try:
             try:
+                clock = time.perf_counter()
+                with stage("decode", bytes=len(upload)) as span:
+                    # The photo at the size the answer needs, already on the device: libjpeg-turbo's
+                    # reduced DCT scales or nvJPEG (service/codecs.py); the upload maps out-of-memory.
+                    loaded = await run_thread(
+                        codecs.load,
+                        upload,
+                        self.settings.max_pixels,
+                        request.max_size,
+                        self.engine.device,
+                        self.engine.upload_guarded,
+                        request.background.needs_mask,
+                    )
+                    channels, height, width = loaded.image.shape
+                    span.set_attribute("cutout.pixels", int(height * width))
+                    span.set_attribute("cutout.decoder", loaded.decoder)
+                timings["decode"] = _ms_since(clock)
+                needed = self.engine.working_bytes(
+                    height, width, channels, request.max_size, mask=request.background.needs_mask
+                )
+                # Handed over in a list the callee empties, so no frame keeps the upload alive
+                # once the background step has made the output-size image from it.
+                handoff = [loaded.image]
+                del loaded
                 async with self.memory.reserve(needed):
-                    clock = time.perf_counter()
-                    # Handed over in a list the callee empties, so no frame keeps the upload alive
-                    # once the background step has made the output-size image from it.
-                    handoff = [await run_thread(self.engine.upload_guarded, decoded.pixels)]
-                    del decoded  # the host copy goes as soon as the device has its own
-                    timings["decode"] = round(timings["decode"] + _ms_since(clock), 2)
                     return await self._compute_on_device(handoff, image_hash, request, names, timings, want_bytes)
             except BaseExceptionGroup as group:
                 raise _first_error(group) from None
@@ -466,7 +475,7 @@ class Flow:
         async def finish(name: str, pixels: np.ndarray) -> EffectResult:
             clock = time.perf_counter()
             with stage("encode", format=request.format) as span:
-                data = await run_thread(imaging.encode, pixels, request.format, self.settings.png_compress_level)
+                data = await codecs.encode_async(pixels, request.format, self.settings.png_compress_level)
                 span.set_attribute("cutout.bytes", len(data))
             encode_ms.append(_ms_since(clock))
             key = self.result_key(image_hash, name, request)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -62,7 +63,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=25 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(default=50_000_000, ge=4096)
     default_max_size: int = Field(default=2048, ge=64, le=4096)
-    png_compress_level: int = Field(default=3, ge=0, le=9)
+    png_compress_level: int = Field(default=1, ge=0, le=9)  # zlib-ng level; see docs/codecs.md
 
     # Admission and shutdown (service/admission.py, docs/capacity.md). Processing requests an
     # instance holds at once, from admission to answer; beyond it: 503 overloaded, body unread.
@@ -79,6 +80,9 @@ class Settings(BaseSettings):
     allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://localhost:8080", "http://127.0.0.1:8080"]
     )
+    # Origins matched by a regular expression (whole origin), on top of the list: Shopify's theme
+    # previews come from a new `https://<id>.shopifypreview.com` origin every few days. Empty: none.
+    allowed_origin_regex: str = ""
 
     # Operations (docs/operations.md). Rate limits are per client and route family, in the
     # `limits` notation ("30/minute", "5/second;100/hour").
@@ -127,6 +131,15 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
+        return value
+
+    @field_validator("allowed_origin_regex")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"allowed_origin_regex is not a regular expression: {exc}") from exc
         return value
 
     @field_validator("diffusion_effects")

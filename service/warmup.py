@@ -188,12 +188,16 @@ def wake_answer(engine: Any, cold_start: bool) -> dict[str, Any]:
     `total_time` in seconds) and ours (`ready`, each effect's and model's state). No forward pass."""
     started = time.perf_counter()
     body = readiness(engine)
+    # assets/api-client.js reads any JSON answer with a top-level `effects` as processed images and
+    # base64-decodes each value (so its warm-up would fail): the effects' states go by another name.
+    states = body.pop("effects", {})
     return {
         "cold_start": cold_start,
         "warmed": False,
         "timings_ms": {},
         "model_ready": bool(engine.ready),
         **body,
+        "effect_states": states,
         "total_time": round(time.perf_counter() - started, 6),
     }
 

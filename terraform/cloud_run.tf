@@ -161,6 +161,7 @@ locals {
     CUTOUT_MAX_PIXELS             = tostring(var.max_pixels)
     CUTOUT_MAX_QUEUE              = tostring(var.max_queue)
     CUTOUT_ALLOWED_ORIGINS        = jsonencode(var.allowed_origins)
+    CUTOUT_ALLOWED_ORIGIN_REGEX   = var.allowed_origin_regex
     CUTOUT_TRUSTED_PROXY_HOPS     = tostring(var.trusted_proxy_hops)
     CUTOUT_REQUEST_TIMEOUT_S      = tostring(var.request_timeout_s - 10)
     CUTOUT_SHUTDOWN_GRACE_S       = tostring(var.shutdown_grace_s)

@@ -227,6 +227,12 @@ variable "allowed_origins" {
   type        = list(string)
 }
 
+variable "allowed_origin_regex" {
+  description = "CUTOUT_ALLOWED_ORIGIN_REGEX: a pattern matched against the whole Origin, for origins that cannot be listed (Shopify theme previews); empty for none."
+  type        = string
+  default     = ""
+}
+
 variable "max_upload_bytes" {
   description = "CUTOUT_MAX_UPLOAD_BYTES: larger bodies get 413 before being read. Cloud Run itself caps HTTP/1 request bodies at 32 MiB."
   type        = number

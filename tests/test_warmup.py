@@ -271,7 +271,8 @@ def test_a_browser_wakes_the_service_but_never_makes_it_work(
         assert body["model_ready"] is True and body["ready"] is True
         assert isinstance(body["total_time"], float) and body["total_time"] < 1.0
         assert body["warmed"] is False and body["timings_ms"] == {}
-        assert body["effects"]["cutout"] == "ready" and body["effects"]["blackwhite"] == "ready"
+        assert body["effect_states"]["cutout"] == "ready" and body["effect_states"]["blackwhite"] == "ready"
+        assert "effects" not in body  # the theme's api-client.js would read it as processed images
         assert body["models"]["cutout"]["status"] == "ready"
     assert engine.forwards_run == forwards and runner.runs == runs  # no forward, no warm-up run
 
@@ -297,6 +298,6 @@ def test_a_browser_waking_a_cold_instance_gets_an_answer_at_once(tmp_path: Path,
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["model_ready"] is False and body["ready"] is False
-        assert body["effects"]["cutout"] == "loading" and body["effects"]["blackwhite"] == "ready"
+        assert body["effect_states"]["cutout"] == "loading" and body["effect_states"]["blackwhite"] == "ready"
         assert body["cold_start"] is True and body["warmed"] is False
         assert client.app.state.warmup.runs == 0  # type: ignore[attr-defined]

@@ -8,7 +8,9 @@ domain             = "cutout.example.com"
 billing_account_id = "000000-000000-000000"
 github_repository  = "example-org/cutout"
 
-allowed_origins = ["https://example-store.myshopify.com", "https://www.example-store.com"]
+# The storefront in production (the theme's own shop domains) and its theme previews.
+allowed_origins      = ["https://perkieprints.com", "https://www.perkieprints.com", "https://perkie-prints.myshopify.com"]
+allowed_origin_regex = "https://[a-z0-9-]+\\.shopifypreview\\.com"
 
 min_instances                 = 0
 max_instances                 = 4

@@ -8,7 +8,8 @@ domain             = "cutout-staging.example.com"
 billing_account_id = "000000-000000-000000"
 github_repository  = "example-org/cutout"
 
-allowed_origins = ["https://example-store.myshopify.com"]
+allowed_origins      = ["https://perkie-prints-test.myshopify.com"]
+allowed_origin_regex = "https://[a-z0-9-]+\\.shopifypreview\\.com"
 
 min_instances                 = 0
 max_instances                 = 1

@@ -207,6 +207,7 @@ def test_settings_reach_the_service_as_environment_variables() -> None:
         "CUTOUT_MAX_UPLOAD_BYTES",
         "CUTOUT_MAX_PIXELS",
         "CUTOUT_ALLOWED_ORIGINS",
+        "CUTOUT_ALLOWED_ORIGIN_REGEX",
         "CUTOUT_TRUSTED_PROXY_HOPS",
         "CUTOUT_WARMUP_TOKEN",
         "CUTOUT_WARMUP_AUDIENCE",
@@ -225,6 +226,22 @@ def test_settings_reach_the_service_as_environment_variables() -> None:
     # Lists go as JSON, which service/settings.py accepts.
     assert env["CUTOUT_DIFFUSION_EFFECTS"] == "${jsonencode(var.diffusion_effects)}"
     assert env["CUTOUT_ALLOWED_ORIGINS"] == "${jsonencode(var.allowed_origins)}"
+
+
+@pytest.mark.parametrize("environment", ["staging", "production"])
+def test_shop_origins_are_accepted_by_the_service_settings(environment: str) -> None:
+    """The origins and preview pattern each environment ships pass the service's own validation,
+    and the pattern admits a theme preview but not a look-alike host."""
+    from service.settings import Settings
+
+    origins = effective("allowed_origins", environment)
+    pattern = effective("allowed_origin_regex", environment)
+    assert origins and all(origin.startswith("https://") and "example" not in origin for origin in origins)
+    settings = Settings(allowed_origins=origins, allowed_origin_regex=pattern, environment="development")
+    compiled = re.compile(settings.allowed_origin_regex)
+    assert compiled.fullmatch("https://abc123-theme.shopifypreview.com")
+    assert not compiled.fullmatch("https://evil.example/https://x.shopifypreview.com")
+    assert not compiled.fullmatch("https://x.shopifypreview.com.evil.example")
 
 
 def test_warmup_token_comes_from_secret_manager() -> None:
