@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -11,6 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -66,3 +68,15 @@ def running_server(tmp_path: Path, env: dict[str, str] | None = None, timeout_s:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait(timeout=10)
+
+
+def server_log(tmp_path: Path) -> list[dict[str, Any]]:
+    """Every JSON line the servers `running_server` started in `tmp_path` have logged so far."""
+    entries = []
+    for log in tmp_path.glob("server-*.log"):
+        for line in log.read_text(errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except ValueError:
+                continue
+    return entries

@@ -35,7 +35,7 @@ from service.app import create_app
 from service.telemetry import install_tracing
 from tests import images
 from tests.conftest import make_settings, wait_loaded
-from tests.server import free_port, running_server
+from tests.server import free_port, running_server, server_log
 
 CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
 
@@ -874,17 +874,6 @@ def faulty_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
     }
     with running_server(workdir, env) as base:
         yield base, workdir
-
-
-def server_log(workdir: Path) -> list[dict[str, Any]]:
-    entries = []
-    for log in workdir.glob("server-*.log"):
-        for line in log.read_text(errors="replace").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue
-    return entries
 
 
 def test_a_real_server_answers_out_of_memory_and_bugs_as_json_with_cors(faulty_server: tuple[str, Path]) -> None:

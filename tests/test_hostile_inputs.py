@@ -8,11 +8,9 @@ Sent to a real `python -m service` over a socket, as a browser or a script would
 from __future__ import annotations
 
 import io
-import json
 import struct
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -20,7 +18,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from tests import images
-from tests.server import running_server
+from tests.server import running_server, server_log
 
 ORIGIN = "https://shop.example"
 PHOTO = images.jpeg(120, 90, seed=1)
@@ -118,17 +116,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
         yield base, workdir
 
 
-def logged(workdir: Path) -> list[dict[str, Any]]:
-    entries = []
-    for log in workdir.glob("server-*.log"):
-        for line in log.read_text(errors="replace").splitlines():
-            try:
-                entries.append(json.loads(line))
-            except ValueError:
-                continue
-    return entries
-
-
 @pytest.mark.parametrize(("name", "route", "fields", "image", "status"), CASES, ids=[case[0] for case in CASES])
 def test_hostile_input_gets_a_4xx_naming_the_problem(
     server: tuple[str, Path], name: str, route: str, fields: dict[str, str], image: bytes | None, status: int
@@ -147,7 +134,7 @@ def test_hostile_input_gets_a_4xx_naming_the_problem(
         fine = http.post("/v1/effects/popart", data={"background": "none"}, files={"image": ("p.jpg", PHOTO)})
         assert fine.status_code == 200
     assert not [
-        entry for entry in logged(workdir) if entry.get("status") == 500 or "unhandled" in entry.get("message", "")
+        entry for entry in server_log(workdir) if entry.get("status") == 500 or "unhandled" in entry.get("message", "")
     ]
 
 

@@ -36,8 +36,9 @@ from fastapi.responses import Response
 from cache.store import IMMUTABLE_CACHE_CONTROL
 from service.deps import FlowDep, SettingsDep
 from service.errors import InvalidParameter, UnknownEffect
-from service.flow import EffectResult, ProcessOutcome, parse_request
+from service.flow import EffectResult, Flow, ProcessOutcome, parse_request
 from service.routes.process import read_upload
+from service.settings import Settings
 
 log = logging.getLogger("cutout.compat")
 
@@ -111,6 +112,21 @@ def _text(value: Any) -> str | None:
     return value.strip() if isinstance(value, str) and value.strip() else None
 
 
+async def _process(flow: Flow, settings: Settings, file: UploadFile, effects: str, fmt: str) -> ProcessOutcome:
+    """The old services' one recipe: the effects on the cutout, transparent, at the default size and seed."""
+    process_request = parse_request(
+        effects=effects,
+        background="transparent",
+        output_format=fmt,
+        max_size=None,
+        params=None,
+        seed=0,
+        settings=settings,
+    )
+    upload = await read_upload(file, settings.max_upload_bytes)
+    return await flow.process(upload, process_request, want_bytes=True)
+
+
 def _image_response(result: EffectResult, extra: dict[str, str]) -> Response:
     headers = {
         "X-Cache": result.cache.upper(),
@@ -163,17 +179,7 @@ async def process_with_effects(
         # One effect: `effect` when given (the old single-image parameter), else the first requested.
         pairs = (map_effects(effect) if effect else pairs)[:1]
     current = list(dict.fromkeys(name for _, name in pairs))
-    process_request = parse_request(
-        effects=",".join(current),
-        background="transparent",
-        output_format=fmt,
-        max_size=None,
-        params=None,
-        seed=0,
-        settings=settings,
-    )
-    upload = await read_upload(file, settings.max_upload_bytes)
-    outcome = await flow.process(upload, process_request, want_bytes=True)
+    outcome = await _process(flow, settings, file, ",".join(current), fmt)
     session = (session_id or _text(form.get("session_id")) or uuid.uuid4().hex)[:SESSION_ID_MAX]
     if not json_answer:
         old, name = pairs[0]
@@ -265,15 +271,5 @@ async def remove_background(
     form = await _form(request)
     _note_ignored("remove-background", request, form, REMOVE_QUERY, REMOVE_FORM)
     fmt = _format(output_format or format, "webp")
-    process_request = parse_request(
-        effects="cutout",
-        background="transparent",
-        output_format=fmt,
-        max_size=None,
-        params=None,
-        seed=0,
-        settings=settings,
-    )
-    upload = await read_upload(file, settings.max_upload_bytes)
-    outcome = await flow.process(upload, process_request, want_bytes=True)
+    outcome = await _process(flow, settings, file, "cutout", fmt)
     return _image_response(outcome.results["cutout"], {})
