@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests import images
+from tests.support import photos
 
 ORIGIN = "https://shop.example"
 STOREFRONT_URL = "/api/v2/process-with-effects?return_all_effects=true&effects=enhancedblackwhite,color"
@@ -39,7 +39,7 @@ def test_without_the_cutout_model_every_effect_is_503_with_cors(client: TestClie
     # Every storefront effect is applied to the cutout, so each one needs the model.
     for effects in ("color", "enhancedblackwhite,color", "popart"):
         response = storefront_post(
-            client, images.jpeg(64, 48), f"/api/v2/process-with-effects?return_all_effects=true&effects={effects}"
+            client, photos.jpeg(64, 48), f"/api/v2/process-with-effects?return_all_effects=true&effects={effects}"
         )
         detail = assert_error(response, 503, "model_unavailable")
         assert "cutout" in detail
@@ -48,7 +48,7 @@ def test_without_the_cutout_model_every_effect_is_503_with_cors(client: TestClie
 
 def test_errors_keep_the_json_shape_and_cors_headers(client: TestClient) -> None:
     detail = assert_error(
-        storefront_post(client, images.jpeg(), "/api/v2/process-with-effects?return_all_effects=true&effects=sepia"),
+        storefront_post(client, photos.jpeg(), "/api/v2/process-with-effects?return_all_effects=true&effects=sepia"),
         400,
         "unknown_effect",
     )
@@ -57,11 +57,11 @@ def test_errors_keep_the_json_shape_and_cors_headers(client: TestClient) -> None
     # A form with no `file` is refused, as the old services refused it.
     assert_error(client.post(STOREFRONT_URL, data={"note": "x"}, headers={"Origin": ORIGIN}), 422, "malformed_request")
     missing = client.post(
-        STOREFRONT_URL, files={"image": ("a.jpg", images.jpeg(), "image/jpeg")}, headers={"Origin": ORIGIN}
+        STOREFRONT_URL, files={"image": ("a.jpg", photos.jpeg(), "image/jpeg")}, headers={"Origin": ORIGIN}
     )
     assert "file" in assert_error(missing, 422, "malformed_request")
     assert "png, webp" in assert_error(
-        storefront_post(client, images.jpeg(), STOREFRONT_URL + "&output_format=jpeg"), 400, "invalid_parameter"
+        storefront_post(client, photos.jpeg(), STOREFRONT_URL + "&output_format=jpeg"), 400, "invalid_parameter"
     )
     assert "file" in assert_error(
         client.post("/remove-background?format=webp", data={"x": "1"}, headers={"Origin": ORIGIN}),
@@ -77,7 +77,7 @@ def test_the_v1_api_still_refuses_what_the_compatibility_routes_accept(client: T
     refused = client.post(
         "/v1/process",
         data={"effects": "cutout", "session_id": "perkie_1"},
-        files={"image": ("p.jpg", images.jpeg(), "image/jpeg")},
+        files={"image": ("p.jpg", photos.jpeg(), "image/jpeg")},
         headers={"Origin": ORIGIN},
     )
     assert "session_id" in assert_error(refused, 422, "malformed_request")
@@ -134,7 +134,7 @@ def test_storefront_request_answers_base64_transparent_pngs_from_the_shared_cach
 ) -> None:
     client = client_factory(models_dir=models_dir)
     assert client.get("/ready").status_code == 200, client.get("/ready").text
-    photo = images.jpeg(80, 60, seed=3)
+    photo = photos.jpeg(80, 60, seed=3)
 
     response = storefront_post(client, photo)
 
@@ -207,7 +207,7 @@ def test_every_request_shape_the_theme_builds_is_answered(
     caplog.set_level(logging.INFO, logger="cutout.compat")
     client = client_factory(models_dir=models_dir)
     assert client.get("/ready").status_code == 200, client.get("/ready").text
-    photo = images.jpeg(72, 56, seed=5)
+    photo = photos.jpeg(72, 56, seed=5)
 
     # assets/api-client.js (BiRefNet branch): effects and session_id in the form, only return_all_effects in the query.
     api_client = client.post(
@@ -297,7 +297,7 @@ def test_remove_background_answers_the_cutout_as_image_bytes(
     client = client_factory(models_dir=models_dir)
     assert client.get("/ready").status_code == 200, client.get("/ready").text
     # pet-processor.js sends a generated PNG (opaque background) as `gemini-effect.png`, `?format=webp`.
-    source = images.png(90, 70, seed=8)
+    source = photos.png(90, 70, seed=8)
     webp = client.post(
         "/remove-background?format=webp",
         files={"file": ("gemini-effect.png", source, "image/png")},
@@ -346,7 +346,7 @@ def test_json_answers_are_gzipped_for_clients_that_take_it(
 
     client = client_factory(models_dir=models_dir)
     assert client.get("/ready").status_code == 200, client.get("/ready").text
-    photo = images.jpeg(64, 48, seed=9)
+    photo = photos.jpeg(64, 48, seed=9)
     plain = storefront_post_with(client, photo, {"Accept-Encoding": "identity"})
     assert "content-encoding" not in plain.headers
     assert "Accept-Encoding" in plain.headers["vary"].split(", ")

@@ -14,9 +14,9 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests import images
+from tests.support import photos
 
-PHOTO = images.png(48, 40, seed=5)
+PHOTO = photos.png(48, 40, seed=5)
 DIFFUSION = ("upscale", "enhance", "comic", "aged")
 # The fewest steps the bounds allow keep each CPU job short; the defaults are covered by the contract test.
 FAST = {"upscale": {"steps": 5}, "enhance": {"steps": 10}, "comic": {"steps": 10}, "aged": {"steps": 10}}

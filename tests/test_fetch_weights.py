@@ -11,7 +11,6 @@ import hashlib
 import http.server
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -23,8 +22,8 @@ from effects.inspyrenet import MANIFEST_FILE, MODEL_DIR
 from scripts import fetch_weights
 from scripts.fetch_weights import CheckpointSource
 from scripts.make_test_weights import random_inspyrenet_state
-from tests import images
-from tests.server import ROOT, free_port, running_server
+from tests.support import ROOT, photos
+from tests.support.server import free_port, running_server
 
 
 @pytest.fixture(scope="module")
@@ -110,12 +109,10 @@ def test_first_run_fetches_converts_and_the_server_removes_backgrounds(
     assert capsys.readouterr() == ("", "")
 
     # And the server started next (as `make run` does) removes backgrounds.
-    upload = images.png(64, 48, seed=1)
-    with running_server(tmp_path, {"CUTOUT_MODELS_DIR": str(models), "CUTOUT_PUBLIC_URL": ""}) as base:
-        deadline = time.monotonic() + 240
-        while httpx.get(f"{base}/ready", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "the model never became ready"
-            time.sleep(0.5)
+    upload = photos.png(64, 48, seed=1)
+    env = {"CUTOUT_MODELS_DIR": str(models), "CUTOUT_PUBLIC_URL": ""}
+    with running_server(tmp_path, env, wait_for="/ready") as server:
+        base = server.url
         response = httpx.post(
             f"{base}/v1/process",
             data={"effects": "cutout", "background": "transparent"},

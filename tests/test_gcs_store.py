@@ -29,25 +29,20 @@ from PIL import Image
 import cache.gcs
 from cache.gcs import GcsStore
 from cache.store import IMMUTABLE_CACHE_CONTROL, StoreError
-from tests import images
-from tests.recording_proxy import Recorded, RecordingProxy
+from tests.support import photos
+from tests.support.recording_proxy import Recorded, RecordingProxy
+from tests.support.server import free_port
 
 BUCKET = "cutout-results-test"
 CDN = "https://cdn.example"
 ORIGIN = "https://shop.example"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Emulator:
     """`gcp-storage-emulator` in memory on a loopback port, with one bucket."""
 
     def __init__(self, log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
@@ -126,7 +121,7 @@ def storage_error(status: int, reason: str) -> bytes:
 
 
 def png(seed: int, width: int = 40, height: int = 30) -> bytes:
-    return images.png(width, height, seed=seed)
+    return photos.png(width, height, seed=seed)
 
 
 def make_store(**options: Any) -> GcsStore:
@@ -293,7 +288,7 @@ def test_service_results_live_in_the_bucket_with_cdn_urls(
     proxy: RecordingProxy, emulator: Emulator, gcs_client: Callable[..., TestClient]
 ) -> None:
     client = gcs_client()
-    upload = images.png(48, 32, seed=7)
+    upload = photos.png(48, 32, seed=7)
     response = client.post(
         "/v1/process",
         data={"effects": "dithering,popart", "background": "none"},
@@ -332,7 +327,7 @@ def test_service_recomputes_and_repairs_a_corrupt_result(
     proxy: RecordingProxy, emulator: Emulator, gcs_client: Callable[..., TestClient]
 ) -> None:
     client = gcs_client()
-    upload = images.png(48, 32, seed=8)
+    upload = photos.png(48, 32, seed=8)
     first = post_effect(client, upload)
     assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
     assert post_effect(client, upload).headers["x-cache"] == "HIT"
@@ -363,7 +358,7 @@ def test_a_412_on_a_concurrent_write_is_a_miss_not_a_bypass(
         headers={"Content-Type": "application/json"},
         body=storage_error(412, "conditionNotMet"),
     )
-    response = post_effect(client, images.png(48, 32, seed=10))
+    response = post_effect(client, photos.png(48, 32, seed=10))
     assert response.status_code == 200
     assert response.headers["x-cache"] == "MISS"
     assert [r.status for r in proxy.recorded(is_result_upload)] == [412]
@@ -375,7 +370,7 @@ def test_storage_going_away_mid_test_serves_uncached_quickly(
 ) -> None:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
     client = gcs_client()
-    upload = images.png(48, 32, seed=11)
+    upload = photos.png(48, 32, seed=11)
     before = post_effect(client, upload)
     assert before.headers["x-cache"] == "MISS"
     assert post_effect(client, upload).headers["x-cache"] == "HIT"
@@ -543,7 +538,7 @@ def test_service_keeps_an_orders_pictures_in_the_bucket(
     proxy: RecordingProxy, emulator: Emulator, gcs_client: Callable[..., TestClient]
 ) -> None:
     client = gcs_client()
-    upload = images.png(48, 32, seed=27)
+    upload = photos.png(48, 32, seed=27)
     processed = client.post(
         "/v1/process",
         data={"effects": "dithering,popart", "background": "none"},
@@ -592,7 +587,7 @@ def test_service_answers_503_when_a_keep_cannot_be_written(
     response = client.post(
         "/store-image",
         data={"session_id": "pet_1_1", "image_type": "original", "tier": "temporary"},
-        files={"file": ("cat.png", images.png(40, 30, seed=28), "image/png")},
+        files={"file": ("cat.png", photos.png(40, 30, seed=28), "image/png")},
         headers={"Origin": ORIGIN},
     )
     assert response.status_code == 503, response.text

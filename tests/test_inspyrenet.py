@@ -35,7 +35,7 @@ from effects.inspyrenet import (
 )
 from scripts.fetch_weights import WeightsFetchError, convert_checkpoint, file_md5, package_checkpoint_source
 from scripts.make_test_weights import write_inspyrenet
-from tests.images import photo
+from tests.support.photos import photo
 
 CPU = torch.device("cpu")
 # (height, width): odd sizes, both orientations, extreme aspect ratios, single pixels.

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import httpx
 
-from tests import images
-from tests.server import running_server
+from tests.support import photos
+from tests.support.server import running_server
 
 
 def test_real_server_serves_uploads_over_a_socket(tmp_path: Path) -> None:
-    with running_server(tmp_path) as base, httpx.Client(base_url=base, timeout=60) as http:
-        upload = images.jpeg(160, 120)
+    with running_server(tmp_path) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        upload = photos.jpeg(160, 120)
         response = http.post(
             "/v1/process",
             data={"effects": "blackwhite,dithering", "background": "none"},

@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 from fastapi.testclient import TestClient
 
-from scripts.loadtest import spawn_server
-from tests import images
-from tests.test_faults import assert_store_clean, multipart_body, post_effect
-from tests.test_metrics import PROJECT, LocalMonitoring
+from tests.support import photos
+from tests.support.client import assert_store_clean, multipart_body
+from tests.support.client import send_effect as post_effect
+from tests.support.monitoring import PROJECT, LocalMonitoring
+from tests.support.server import running_server
 
 CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
 CLOUD_RUN_SIGKILL_AFTER_S = 10.0
@@ -29,7 +30,7 @@ def test_a_draining_instance_refuses_new_work_and_says_it_is_not_ready(
     client_factory: Callable[..., TestClient],
 ) -> None:
     client = client_factory()
-    upload = images.jpeg(96, 64)
+    upload = photos.jpeg(96, 64)
     assert post_effect(client, upload, "popart").status_code == 200
     client.app.state.admission.drain()  # type: ignore[attr-defined]  # what SIGTERM does
 
@@ -57,8 +58,8 @@ def dribbled(body: bytes, started: threading.Event, pieces: int = 10, pause_s: f
 def test_sigterm_finishes_requests_in_flight_refuses_new_ones_flushes_metrics_and_exits_0(
     tmp_path: Path, client_factory: Callable[..., TestClient]
 ) -> None:
-    heavy_uploads = [images.jpeg(2400, 1800, seed=seed) for seed in (1, 2)]
-    slow_upload = images.jpeg(320, 240, seed=3)
+    heavy_uploads = [photos.jpeg(2400, 1800, seed=seed) for seed in (1, 2)]
+    slow_upload = photos.jpeg(320, 240, seed=3)
     monitoring = LocalMonitoring()
     env = {
         "CUTOUT_METRICS_EXPORT": "cloud_monitoring",
@@ -69,7 +70,7 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_flushes_metrics_an
     }
     answers: dict[str, Any] = {}
     try:
-        with spawn_server(tmp_path / "models", tmp_path, env, wait_ready=False) as server:
+        with running_server(tmp_path, env) as server:
             url = server.url
 
             def heavy(index: int) -> None:
@@ -156,10 +157,10 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_flushes_metrics_an
 
 
 def test_requests_outliving_the_grace_period_get_a_retryable_503_not_a_500(tmp_path: Path) -> None:
-    heavy_upload = images.jpeg(2400, 1800, seed=4)
-    body = multipart_body(images.jpeg(320, 240, seed=5))
+    heavy_upload = photos.jpeg(2400, 1800, seed=4)
+    body = multipart_body(photos.jpeg(320, 240, seed=5))
     answers: dict[str, Any] = {}
-    with spawn_server(tmp_path / "models", tmp_path, {"CUTOUT_SHUTDOWN_GRACE_S": "0.5"}, wait_ready=False) as server:
+    with running_server(tmp_path, {"CUTOUT_SHUTDOWN_GRACE_S": "0.5"}) as server:
         url = server.url
 
         def heavy(index: int) -> None:

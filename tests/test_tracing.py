@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from scripts.make_test_weights import write_inspyrenet
 from service.telemetry import install_tracing
-from tests import images
+from tests.support import photos
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 
@@ -38,7 +38,7 @@ def post(client: TestClient, headers: dict[str, str], **fields: str) -> None:
     response = client.post(
         "/v1/process",
         data=fields,
-        files={"image": ("cat.jpg", images.jpeg(120, 80), "image/jpeg")},
+        files={"image": ("cat.jpg", photos.jpeg(120, 80), "image/jpeg")},
         headers=headers,
     )
     assert response.status_code == 200, response.text
