@@ -52,6 +52,7 @@ def composite(height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.T
     return image[None], alpha[None, None], foreground
 
 
+@pytest.mark.parametrize(("height", "width", "seed"), [(256, 256, 0), (300, 200, 1), (384, 512, 2), (768, 1024, 3)])
 def test_quality_matches_pymatting(height: int, width: int, seed: int) -> None:
     from pymatting import estimate_foreground_ml
 

@@ -37,6 +37,7 @@ class Server:
     process: subprocess.Popen[bytes]
     log_path: Path
     cache_dir: Path
+    started: float  # time.perf_counter() when the process was started
     # From process start to the awaited path's first 200 (None when nothing was awaited).
     ready_after_s: float | None = None
 
@@ -61,18 +62,18 @@ class Server:
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def wait_for(self, path: str, timeout_s: float, started: float) -> None:
+    def wait_for(self, path: str, timeout_s: float) -> None:
         """Poll `path` until it answers 200; fail at once if the process exits."""
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.log_tail()}")
             try:
                 if httpx.get(self.url + path, timeout=2.0).status_code == 200:
-                    self.ready_after_s = time.perf_counter() - started
+                    self.ready_after_s = time.perf_counter() - self.started
                     return
             except httpx.TransportError:
                 pass
-            if time.perf_counter() - started > timeout_s:
+            if time.perf_counter() - self.started > timeout_s:
                 raise RuntimeError(f"server did not answer {path} with 200 in {timeout_s:.0f} s: {self.log_tail()}")
             time.sleep(0.05)
 
@@ -113,10 +114,10 @@ def running_server(
         process = subprocess.Popen(
             [sys.executable, "-m", "service"], cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
         )
-    server = Server(url, process, log_path, Path(environment["CUTOUT_CACHE_DIR"]))
+    server = Server(url, process, log_path, Path(environment["CUTOUT_CACHE_DIR"]), started)
     try:
         if wait_for is not None:
-            server.wait_for(wait_for, timeout_s, started)
+            server.wait_for(wait_for, timeout_s)
         yield server
     finally:
         server.stop()
