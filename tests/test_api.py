@@ -130,7 +130,10 @@ def test_same_seed_same_bytes_and_seed_changes_the_key(
         body = post_process(client, upload, effects="blackwhite", background="none", seed=seed).json()
         result = body["results"]["blackwhite"]
         assert result["cache"] == "miss", body
-        return result["key"], client.get(f"/v1/results/{result['key']}.png").content
+        fetched = client.get(f"/v1/results/{result['key']}.png")
+        assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png", fetched.text
+        assert fetched.content.startswith(b"\x89PNG") and len(fetched.content) == result["bytes"]
+        return result["key"], fetched.content
 
     key_a, bytes_a = grain(first_service, 7)
     key_b, bytes_b = grain(second_service, 7)

@@ -729,7 +729,10 @@ def test_beyond_max_queue_requests_are_refused_at_once_without_reading_the_body(
         assert elapsed < 1.0
         with httpx.Client(base_url=base, timeout=30) as http:
             assert http.get("/health").status_code == 200, "reads are not counted"
-            assert http.get("/ready").status_code in (200, 503)
+            # The probe gives its own verdict, never `overloaded`: here (no weights) "the cutout model is missing".
+            ready = http.get("/ready")
+            assert ready.status_code == 503 and ready.json()["code"] == "not_ready", ready.text
+            assert ready.json()["models"]["cutout"]["status"] == "missing", ready.text
     finally:
         for sock in holders:
             sock.close()
