@@ -27,11 +27,10 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from PIL import Image
 
 from service.app import create_app
-from service.telemetry import install_tracing
 from tests.conftest import make_settings, wait_loaded
 from tests.support import ROOT, photos
 from tests.support.client import (
@@ -44,6 +43,7 @@ from tests.support.client import (
     send_process,
 )
 from tests.support.server import free_port, running_server, server_log
+from tests.support.telemetry import exporting_spans
 
 CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
 
@@ -273,12 +273,9 @@ class DownExporter(SpanExporter):  # type: ignore[misc]
 
 @pytest.fixture
 def trace_exporter_down() -> Iterator[DownExporter]:
-    exporter = DownExporter()
     # Synchronous: the failing export runs at the end of every span, inside the request itself.
-    processor = SimpleSpanProcessor(exporter)
-    install_tracing().add_span_processor(processor)
-    yield exporter
-    processor.shutdown()  # the provider keeps the processor; a shut-down exporter drops spans
+    with exporting_spans(DownExporter()) as exporter:
+        yield exporter
 
 
 def test_metrics_and_trace_exporters_down_leave_requests_alone(

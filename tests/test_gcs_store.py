@@ -30,6 +30,7 @@ import cache.gcs
 from cache.gcs import GcsStore
 from cache.store import IMMUTABLE_CACHE_CONTROL, StoreError
 from tests.support import photos
+from tests.support.client import send_process
 from tests.support.recording_proxy import Recorded, RecordingProxy
 from tests.support.server import free_port
 
@@ -289,11 +290,7 @@ def test_service_results_live_in_the_bucket_with_cdn_urls(
 ) -> None:
     client = gcs_client()
     upload = photos.png(48, 32, seed=7)
-    response = client.post(
-        "/v1/process",
-        data={"effects": "dithering,popart", "background": "none"},
-        files={"image": ("p.png", upload, "image/png")},
-    )
+    response = send_process(client, upload, effects="dithering,popart", background="none")
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     bucket = emulator.client().bucket(BUCKET)
@@ -539,11 +536,7 @@ def test_service_keeps_an_orders_pictures_in_the_bucket(
 ) -> None:
     client = gcs_client()
     upload = photos.png(48, 32, seed=27)
-    processed = client.post(
-        "/v1/process",
-        data={"effects": "dithering,popart", "background": "none"},
-        files={"image": ("p.png", upload, "image/png")},
-    )
+    processed = send_process(client, upload, effects="dithering,popart", background="none")
     assert processed.status_code == 200, processed.text
     sha = hashlib.sha256(upload).hexdigest()
     bucket = emulator.client().bucket(BUCKET)

@@ -16,8 +16,8 @@ from google.api.metric_pb2 import MetricDescriptor
 from service.metrics import Metrics, MonitoringExporter, monitoring_client
 from service.settings import Settings
 from tests.support import photos
-from tests.support.monitoring import PROJECT, LocalMonitoring
 from tests.support.server import free_port
+from tests.support.telemetry import PROJECT, LocalMonitoring
 
 MetricKind = MetricDescriptor.MetricKind
 ValueType = MetricDescriptor.ValueType

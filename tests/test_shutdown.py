@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from tests.support import photos
 from tests.support.client import assert_store_clean, multipart_body
 from tests.support.client import send_effect as post_effect
-from tests.support.monitoring import PROJECT, LocalMonitoring
 from tests.support.server import running_server
+from tests.support.telemetry import PROJECT, LocalMonitoring
 
 CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
 CLOUD_RUN_SIGKILL_AFTER_S = 10.0
@@ -66,6 +66,43 @@ def dribbled(
         time.sleep(pause_s)
 
 
+def send_in_threads(
+    url: str,
+    answers: dict[str, Any],
+    heavy: list[tuple[bytes, dict[str, str]]],
+    slow_body: bytes,
+    **dribble: Any,
+) -> list[threading.Thread]:
+    """Heavy requests (four classic effects each, `heavy`: photo and extra fields) and one slow
+    upload of `slow_body`, each in its own thread, answers into `answers`; returns once the slow
+    upload has begun arriving."""
+    slow_started = threading.Event()
+
+    def send_heavy(index: int) -> None:
+        upload, fields = heavy[index]
+        answers[f"heavy-{index}"] = httpx.post(
+            f"{url}/v1/process",
+            data={"effects": ",".join(CLASSIC), "background": "none", **fields},
+            files={"image": ("big.jpg", upload, "image/jpeg")},
+            timeout=60,
+        )
+
+    def send_slow() -> None:
+        answers["slow"] = httpx.post(
+            f"{url}/v1/process",
+            content=dribbled(slow_body, slow_started, **dribble),
+            headers={"Content-Type": "multipart/form-data; boundary=cutoutboundary"},
+            timeout=60,
+        )
+
+    threads = [threading.Thread(target=send_heavy, args=(index,)) for index in range(len(heavy))]
+    threads.append(threading.Thread(target=send_slow))
+    for thread in threads:
+        thread.start()
+    assert slow_started.wait(10)
+    return threads
+
+
 def test_sigterm_finishes_requests_in_flight_refuses_new_ones_flushes_metrics_and_exits_0(
     tmp_path: Path, client_factory: Callable[..., TestClient]
 ) -> None:
@@ -84,32 +121,15 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_flushes_metrics_an
         with running_server(tmp_path, env) as server:
             url = server.url
 
-            def heavy(index: int) -> None:
-                answers[f"heavy-{index}"] = httpx.post(
-                    f"{url}/v1/process",
-                    data={"effects": ",".join(CLASSIC), "background": "none"},
-                    files={"image": ("big.jpg", heavy_uploads[index], "image/jpeg")},
-                    timeout=60,
-                )
-
-            slow_started = threading.Event()
             probes_done = threading.Event()
-
-            def slow() -> None:
-                body = multipart_body(slow_upload)  # popart on the original background
-                answers["slow"] = httpx.post(
-                    f"{url}/v1/process",
-                    # In flight until the probes below are done: the instance keeps listening meanwhile.
-                    content=dribbled(body, slow_started, last_piece_after=probes_done),
-                    headers={"Content-Type": "multipart/form-data; boundary=cutoutboundary"},
-                    timeout=60,
-                )
-
-            threads = [threading.Thread(target=heavy, args=(i,)) for i in range(2)]
-            threads.append(threading.Thread(target=slow))
-            for thread in threads:
-                thread.start()
-            assert slow_started.wait(10)
+            threads = send_in_threads(
+                url,
+                answers,
+                [(upload, {}) for upload in heavy_uploads],
+                multipart_body(slow_upload),  # popart on the original background
+                # In flight until the probes below are done: the instance keeps listening meanwhile.
+                last_piece_after=probes_done,
+            )
             time.sleep(0.5)  # the heavy uploads are in, their effects are running
             assert not answers, f"the requests finished before SIGTERM; make them heavier: {answers}"
 
@@ -176,29 +196,8 @@ def test_requests_outliving_the_grace_period_get_a_retryable_503_not_a_500(tmp_p
     with running_server(tmp_path, {"CUTOUT_SHUTDOWN_GRACE_S": "0.5"}) as server:
         url = server.url
 
-        def heavy(index: int) -> None:
-            answers[f"heavy-{index}"] = httpx.post(
-                f"{url}/v1/process",
-                data={"effects": ",".join(CLASSIC), "background": "none", "seed": str(index)},
-                files={"image": ("big.jpg", heavy_upload, "image/jpeg")},
-                timeout=60,
-            )
-
-        slow_started = threading.Event()
-
-        def slow() -> None:
-            answers["slow"] = httpx.post(
-                f"{url}/v1/process",
-                content=dribbled(body, slow_started, pieces=12),  # 3 s: far beyond the grace period
-                headers={"Content-Type": "multipart/form-data; boundary=cutoutboundary"},
-                timeout=60,
-            )
-
-        threads = [threading.Thread(target=heavy, args=(i,)) for i in range(2)]
-        threads.append(threading.Thread(target=slow))
-        for thread in threads:
-            thread.start()
-        assert slow_started.wait(10)
+        heavy = [(heavy_upload, {"seed": str(index)}) for index in range(2)]
+        threads = send_in_threads(url, answers, heavy, body, pieces=12)  # 3 s: far beyond the grace period
         time.sleep(0.3)
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)

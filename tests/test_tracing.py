@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from scripts.make_test_weights import write_inspyrenet
-from service.telemetry import install_tracing
 from tests.support import photos
+from tests.support.telemetry import exporting_spans
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 
@@ -27,11 +26,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    processor = SimpleSpanProcessor(exporter)
-    install_tracing().add_span_processor(processor)
-    yield exporter
-    processor.shutdown()  # the provider keeps the processor; a shut-down exporter drops spans
+    with exporting_spans(InMemorySpanExporter()) as exporter:
+        yield exporter
 
 
 def post(client: TestClient, headers: dict[str, str], **fields: str) -> None:

@@ -16,18 +16,23 @@ BOUNDARY = "cutoutboundary"
 POPART = {"effects": "popart", "background": "none"}
 
 
+def image_file(upload: bytes) -> tuple[str, bytes, str]:
+    """The multipart file a browser sends for these bytes: a name and type matching the format."""
+    if upload.startswith(b"\x89PNG"):
+        return "photo.png", upload, "image/png"
+    return "photo.jpg", upload, "image/jpeg"
+
+
 def send_effect(client: TestClient | httpx.Client, upload: bytes, effect: str, **fields: str) -> Any:
-    """POST /v1/effects/{effect} with the photo as a JPEG upload, on the original background unless told."""
+    """POST /v1/effects/{effect} with the photo, on the original background unless told."""
     return client.post(
-        f"/v1/effects/{effect}",
-        data={"background": "none", **fields},
-        files={"image": ("photo.jpg", upload, "image/jpeg")},
+        f"/v1/effects/{effect}", data={"background": "none", **fields}, files={"image": image_file(upload)}
     )
 
 
 def send_process(client: TestClient | httpx.Client, upload: bytes, **fields: str) -> Any:
-    """POST /v1/process with the photo as a JPEG upload and `fields` as the form."""
-    return client.post("/v1/process", data=fields, files={"image": ("photo.jpg", upload, "image/jpeg")})
+    """POST /v1/process with the photo and `fields` as the form."""
+    return client.post("/v1/process", data=fields, files={"image": image_file(upload)})
 
 
 def multipart_body(upload: bytes, fields: Mapping[str, str] = POPART, boundary: str = BOUNDARY) -> bytes:

@@ -1,16 +1,20 @@
-"""Cloud Monitoring's MetricService on loopback, for the real google-cloud-monitoring client to write to."""
+"""Telemetry backends for tests: Cloud Monitoring's MetricService on loopback, span exporters attached to the tracer."""
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import grpc
 from google.cloud.monitoring_v3.types import CreateTimeSeriesRequest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter
 
 from service.metrics import MAX_SERIES_PER_CALL
+from service.telemetry import install_tracing
 
 PROJECT = "cutout-test-project"
 
@@ -83,3 +87,17 @@ class LocalMonitoring:
 
 def series_key(series: Any) -> str:
     return f"{series.metric.type}{sorted(series.metric.labels.items())}{sorted(series.resource.labels.items())}"
+
+
+Exporter = TypeVar("Exporter", bound=SpanExporter)
+
+
+@contextmanager
+def exporting_spans(exporter: Exporter) -> Iterator[Exporter]:
+    """`exporter` receives every span the service ends, synchronously (inside the request itself)."""
+    processor = SimpleSpanProcessor(exporter)
+    install_tracing().add_span_processor(processor)
+    try:
+        yield exporter
+    finally:
+        processor.shutdown()  # the provider keeps the processor; a shut-down exporter drops spans
