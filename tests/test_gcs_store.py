@@ -121,10 +121,6 @@ def storage_error(status: int, reason: str) -> bytes:
     return json.dumps({"error": {"code": status, "message": reason, "errors": [{"reason": reason}]}}).encode()
 
 
-def png(seed: int, width: int = 40, height: int = 30) -> bytes:
-    return photos.png(width, height, seed=seed)
-
-
 def make_store(**options: Any) -> GcsStore:
     return GcsStore(bucket=BUCKET, cdn_url=CDN, **options)
 
@@ -135,7 +131,7 @@ def make_store(**options: Any) -> GcsStore:
 def test_write_read_lookup_and_urls(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
     name = "results/" + "a" * 64 + ".png"
-    data = png(1)
+    data = photos.png(40, 30, seed=1)
     assert store.get(name) is None
     assert store.lookup(name) is None
 
@@ -157,7 +153,7 @@ def test_write_read_lookup_and_urls(proxy: RecordingProxy, emulator: Emulator) -
 def test_lookup_without_size_metadata_reads_and_verifies_the_bytes(proxy: RecordingProxy) -> None:
     store = make_store()
     name = "masks/" + "b" * 64 + "-model.png"
-    data = png(2, 24, 16)
+    data = photos.png(24, 16, seed=2)
     store.put(name, data, "image/png")
     assert store.lookup(name) == (24, 16, len(data))
     downloads = proxy.recorded(lambda r: r.method == "GET" and r.query.get("alt") == ["media"])
@@ -179,7 +175,7 @@ def test_every_upload_says_if_generation_match_0(proxy: RecordingProxy) -> None:
 def test_412_from_storage_means_already_stored(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
     name = "results/" + "d" * 64 + ".png"
-    first, second = png(3), png(4)
+    first, second = photos.png(40, 30, seed=3), photos.png(40, 30, seed=4)
     store.put(name, first, "image/png", {"width": "40", "height": "30"})
     # What real storage answers a second writer; the emulator would have overwritten instead.
     proxy.inject(
@@ -198,7 +194,7 @@ def test_a_corrupt_object_is_a_miss_and_the_repair_replaces_exactly_that_version
 ) -> None:
     store = make_store()
     name = "results/" + "e" * 64 + ".png"
-    good, bad = png(5), png(6)
+    good, bad = photos.png(40, 30, seed=5), photos.png(40, 30, seed=6)
     store.put(name, good, "image/png", {"width": "40", "height": "30"})
     corrupt_generation = corrupt(emulator, name, bad)
 
@@ -329,7 +325,7 @@ def test_service_recomputes_and_repairs_a_corrupt_result(
     assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
     assert post_effect(client, upload).headers["x-cache"] == "HIT"
     key = first.headers["etag"].strip('"')
-    generation = corrupt(emulator, f"results/{key}.png", png(9, 48, 32))
+    generation = corrupt(emulator, f"results/{key}.png", photos.png(48, 32, seed=9))
 
     proxy.clear()
     recomputed = post_effect(client, upload)
@@ -423,7 +419,7 @@ def in_days(days: float) -> dt.datetime:
 
 def test_keep_writes_once_with_its_date_in_the_same_request(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
-    data = png(20)
+    data = photos.png(40, 30, seed=20)
     name = kept_name(data)
     until = in_days(7)
 
@@ -439,12 +435,12 @@ def test_keep_writes_once_with_its_date_in_the_same_request(proxy: RecordingProx
     assert store.get(name) == data
     assert store.kept_url(name) == f"{CDN}/cache/{name}"
     with pytest.raises(ValueError, match="sha256"):
-        store.keep(kept_name(png(21)), data, "image/png", until)
+        store.keep(kept_name(photos.png(40, 30, seed=21)), data, "image/png", until)
 
 
 def test_a_later_keep_lengthens_an_earlier_one_never_shortens(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
-    data = png(22)
+    data = photos.png(40, 30, seed=22)
     name = kept_name(data)
     week, half_year = in_days(7), in_days(180)
     store.keep(name, data, "image/png", week)
@@ -466,7 +462,7 @@ def test_a_later_keep_lengthens_an_earlier_one_never_shortens(proxy: RecordingPr
 
 def test_a_keep_racing_another_reads_again_instead_of_overwriting(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
-    data = png(23)
+    data = photos.png(40, 30, seed=23)
     name = kept_name(data)
     store.keep(name, data, "image/png", in_days(7))
     # Real storage answers 412 when the metageneration moved (another keep patched first).
@@ -484,10 +480,10 @@ def test_a_keep_racing_another_reads_again_instead_of_overwriting(proxy: Recordi
 
 def test_a_corrupt_kept_object_is_replaced_with_the_right_bytes(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
-    data = png(24)
+    data = photos.png(40, 30, seed=24)
     name = kept_name(data)
     store.keep(name, data, "image/png", in_days(30))
-    corrupt_generation = corrupt(emulator, name, png(25))
+    corrupt_generation = corrupt(emulator, name, photos.png(40, 30, seed=25))
 
     assert store.get(name) is None, "bytes that fail their sha256 are never served"
 
@@ -506,7 +502,7 @@ def test_keeping_past_the_backstop_age_renews_the_object(
     # object written 8 days ago cannot be promised 5 more days by a date alone: the same bytes are
     # written as a new generation, which restarts the object's age, and the date is carried over.
     store = make_store(kept_max_age_days=10)
-    data = png(26)
+    data = photos.png(40, 30, seed=26)
     name = kept_name(data)
     store.keep(name, data, "image/png", in_days(5))
     generation = emulator.client().bucket(BUCKET).get_blob(name).generation
@@ -525,7 +521,7 @@ def test_keeping_past_the_backstop_age_renews_the_object(
 
 def test_a_keep_longer_than_the_backstop_allows_is_refused_not_promised(proxy: RecordingProxy) -> None:
     store = make_store(kept_max_age_days=10)
-    data = png(29)
+    data = photos.png(40, 30, seed=29)
     with pytest.raises(StoreError, match="backstop"):
         store.keep(kept_name(data), data, "image/png", in_days(30))
     assert not proxy.recorded(is_upload)
