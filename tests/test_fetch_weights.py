@@ -23,6 +23,7 @@ from scripts import fetch_weights
 from scripts.fetch_weights import CheckpointSource
 from scripts.make_test_weights import random_inspyrenet_state
 from tests.support import ROOT, photos
+from tests.support.client import send_process
 from tests.support.server import free_port, running_server
 
 
@@ -111,17 +112,14 @@ def test_first_run_fetches_converts_and_the_server_removes_backgrounds(
     # And the server started next (as `make run` does) removes backgrounds.
     upload = photos.png(64, 48, seed=1)
     env = {"CUTOUT_MODELS_DIR": str(models), "CUTOUT_PUBLIC_URL": ""}
-    with running_server(tmp_path, env, wait_for="/ready") as server:
-        base = server.url
-        response = httpx.post(
-            f"{base}/v1/process",
-            data={"effects": "cutout", "background": "transparent"},
-            files={"image": ("cat.png", upload, "image/png")},
-            timeout=300,
-        )
+    with (
+        running_server(tmp_path, env, wait_for="/ready") as server,
+        httpx.Client(base_url=server.url, timeout=300) as client,
+    ):
+        response = send_process(client, upload, effects="cutout", background="transparent")
         assert response.status_code == 200, response.text
         result = response.json()["results"]["cutout"]
-        assert httpx.get(result["url"], timeout=30).status_code == 200
+        assert client.get(result["url"]).status_code == 200
 
 
 def test_offline_says_in_one_line_how_to_get_test_weights(
