@@ -31,8 +31,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from PIL import Image
 
 from service.app import create_app
-from tests.conftest import make_settings, wait_loaded
 from tests.support import ROOT, photos
+from tests.support.app import make_settings, wait_loaded
 from tests.support.client import (
     assert_store_clean,
     connect,

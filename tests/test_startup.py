@@ -26,8 +26,8 @@ from fastapi.testclient import TestClient
 import effects.engine as engine_module
 from service.app import create_app
 from service.settings import DIFFUSION_EFFECTS
-from tests.conftest import make_settings
 from tests.support import ROOT
+from tests.support.app import make_settings
 from tests.support.photos import png as png_bytes
 from tests.support.server import running_server
 

@@ -19,7 +19,7 @@ from google.auth import crypt, jwt
 
 from scripts.make_test_weights import write_inspyrenet
 from service.app import create_app
-from tests.conftest import make_settings
+from tests.support.app import make_settings
 
 TOKEN = "s3cret-warmup-token-0123456789"
 AUDIENCE = "https://cutout.example/warmup"
