@@ -55,9 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from effects import blackwhite, dithering, popart, retro8bit
 from effects.base import Effect
-from scripts.effects_gallery import synthetic_pet
 from scripts.measure import samples_ms
 from service import codecs
+from tests.support.photos import synthetic_pet
 
 EFFECTS: tuple[Effect, ...] = (blackwhite.EFFECT, dithering.EFFECT, popart.EFFECT, retro8bit.EFFECT)
 EFFECT_TARGET_MS = 100.0
