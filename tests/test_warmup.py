@@ -1,9 +1,10 @@
-"""POST /warmup: credentials (shared token, Google-signed OIDC against a local JWKS), single flight."""
+"""POST /warmup: credentials (shared token, Google-signed OIDC against local v1 certs), single flight."""
 
 from __future__ import annotations
 
-import base64
+import datetime
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,13 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from google.auth import crypt, jwt
 
 from scripts.make_test_weights import write_inspyrenet
 from service.app import create_app
+from service.errors import Forbidden
+from service.warmup import CachedCerts, WarmupAuth
 from tests.conftest import make_settings
 
 TOKEN = "s3cret-warmup-token-0123456789"
@@ -37,41 +42,46 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------------------ a local Google
 
 
-def _b64(number: int) -> str:
-    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+def certificate(key: rsa.RSAPrivateKey) -> str:
+    """A self-signed X.509 certificate for the key, in PEM: what Google's v1 certs URL serves."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "local-google")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 class LocalGoogle:
-    """Signs ID tokens like Google does and serves the public keys as a JWKS on loopback."""
+    """Signs ID tokens like Google does and serves the public certificates as Google's v1 certs
+    URL does (`{kid: PEM certificate}`, with a Cache-Control max-age) on loopback."""
 
     def __init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.kid = "local-key-1"
         self.fetches = 0
-        numbers = self.key.public_key().public_numbers()
-        jwks = {
-            "keys": [
-                {
-                    "kty": "RSA",
-                    "alg": "RS256",
-                    "use": "sig",
-                    "kid": self.kid,
-                    "n": _b64(numbers.n),
-                    "e": _b64(numbers.e),
-                }
-            ]
-        }
-        body = json.dumps(jwks).encode()
+        self.cache_control = "public, max-age=21600, must-revalidate, no-transform"
+        self.age: int | None = None
+        self.document: Any = {self.kid: certificate(self.key)}
         google = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 google.fetches += 1
+                body = json.dumps(google.document).encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Cache-Control", "public, max-age=21600")
+                self.send_header("Content-Type", "application/json; charset=UTF-8")
+                self.send_header("Cache-Control", google.cache_control)
+                if google.age is not None:
+                    self.send_header("Age", str(google.age))
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -82,9 +92,9 @@ class LocalGoogle:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
-        self.certs_url = f"http://127.0.0.1:{self.server.server_address[1]}/oauth2/v3/certs"
+        self.certs_url = f"http://127.0.0.1:{self.server.server_address[1]}/oauth2/v1/certs"
 
-    def token(self, *, key: rsa.RSAPrivateKey | None = None, **overrides: Any) -> str:
+    def token(self, *, key: rsa.RSAPrivateKey | None = None, kid: str | None = None, **overrides: Any) -> str:
         now = int(time.time())
         claims = {
             "iss": "https://accounts.google.com",
@@ -100,7 +110,7 @@ class LocalGoogle:
         pem = (key or self.key).private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        signer = crypt.RSASigner.from_string(pem, key_id=self.kid)
+        signer = crypt.RSASigner.from_string(pem, key_id=kid or self.kid)
         return jwt.encode(signer, claims).decode()
 
     def close(self) -> None:
@@ -195,6 +205,78 @@ def test_oidc_token_from_the_scheduler_account(client_factory: Callable[..., Tes
     again = client.post("/warmup", headers={"Authorization": f"Bearer {google.token()}"})
     assert again.status_code == 200
     assert google.fetches == fetches + 1  # the keys are cached between calls
+
+
+def test_certs_are_kept_for_their_max_age_then_fetched_again(tmp_path: Path) -> None:
+    """google-auth fetches the certs on every verification; our transport keeps them for the
+    answer's Cache-Control max-age (less its Age), and a rotated key is found after it."""
+    local = LocalGoogle()
+    try:
+        now = [1000.0]
+        certs = CachedCerts(clock=lambda: now[0])
+        auth = WarmupAuth(make_settings(tmp_path, **oidc_settings(local)), certs=certs)
+        assert auth.verify_oidc(local.token())["email"] == SCHEDULER
+        assert auth.verify_oidc(local.token())["email"] == SCHEDULER
+        assert local.fetches == 1
+
+        # Google rotates: a new key is published; tokens signed with it pass once the kept copy is stale.
+        new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        local.document = {local.kid: certificate(local.key), "local-key-2": certificate(new_key)}
+        rotated = local.token(key=new_key, kid="local-key-2")
+        now[0] += 21599
+        with pytest.raises(Forbidden):
+            auth.verify_oidc(rotated)  # still fresh: the kept document does not know the new key
+        assert local.fetches == 1
+        now[0] += 2
+        assert auth.verify_oidc(rotated)["email"] == SCHEDULER
+        assert local.fetches == 2
+
+        # The answer's Age counts against its max-age.
+        local.age = 21000
+        now[0] += 21601
+        auth.verify_oidc(local.token())
+        assert local.fetches == 3
+        now[0] += 599
+        auth.verify_oidc(local.token())
+        assert local.fetches == 3
+        now[0] += 2
+        auth.verify_oidc(local.token())
+        assert local.fetches == 4
+
+        # An answer that may not be kept is fetched for every verification.
+        local.age, local.cache_control = None, "no-store"
+        now[0] += 10**6
+        auth.verify_oidc(local.token())
+        auth.verify_oidc(local.token())
+        assert local.fetches == 6
+    finally:
+        local.close()
+
+
+def test_certs_that_cannot_be_read_are_503_and_not_kept(client_factory: Callable[..., TestClient]) -> None:
+    local = LocalGoogle()
+    try:
+        with socket.socket() as probe:  # a loopback port nobody listens on
+            probe.bind(("127.0.0.1", 0))
+            closed = f"http://127.0.0.1:{probe.getsockname()[1]}/oauth2/v1/certs"
+        down = client_factory(**{**oidc_settings(local), "warmup_certs_url": closed})
+        answer = down.post("/warmup", headers={"Authorization": f"Bearer {local.token()}"})
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["code"] == "service_unavailable" and answer.headers["retry-after"] == "30"
+        # A token that is no JWT is refused before any fetch.
+        assert down.post("/warmup", headers={"Authorization": "Bearer nope"}).status_code == 403
+
+        # A JWKS (the v3 URL's format) is not what verify_token reads without PyJWT: 503, not kept.
+        local.document = {"keys": [{"kty": "RSA", "kid": local.kid, "n": "AQAB", "e": "AQAB"}]}
+        client = client_factory(**oidc_settings(local))
+        answer = client.post("/warmup", headers={"Authorization": f"Bearer {local.token()}"})
+        assert answer.status_code == 503, answer.text
+        local.document = {local.kid: certificate(local.key)}
+        fixed = client.post("/warmup", headers={"Authorization": f"Bearer {local.token()}"})
+        assert fixed.status_code == 200, fixed.text
+        assert local.fetches == 2
+    finally:
+        local.close()
 
 
 @pytest.mark.parametrize(
