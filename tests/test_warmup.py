@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,6 +26,7 @@ from service.app import create_app
 from service.errors import Forbidden
 from service.warmup import CachedCerts, WarmupAuth
 from tests.conftest import make_settings
+from tests.server import running_server
 
 TOKEN = "s3cret-warmup-token-0123456789"
 AUDIENCE = "https://cutout.example/warmup"
@@ -275,6 +277,28 @@ def test_certs_that_cannot_be_read_are_503_and_not_kept(client_factory: Callable
         fixed = client.post("/warmup", headers={"Authorization": f"Bearer {local.token()}"})
         assert fixed.status_code == 200, fixed.text
         assert local.fetches == 2
+    finally:
+        local.close()
+
+
+def test_the_started_service_checks_scheduler_tokens(tmp_path: Path) -> None:
+    """`python -m service` as the container starts it, configured from the environment as Cloud Run is."""
+    local = LocalGoogle()
+    env = {
+        "CUTOUT_WARMUP_AUDIENCE": AUDIENCE,
+        "CUTOUT_WARMUP_SERVICE_ACCOUNT": SCHEDULER,
+        "CUTOUT_WARMUP_CERTS_URL": local.certs_url,
+    }
+    try:
+        with running_server(tmp_path, env=env) as base:
+            for _ in range(2):
+                answer = httpx.post(f"{base}/warmup", headers={"Authorization": f"Bearer {local.token()}"}, timeout=60)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["warmed"] is True
+            intruder = local.token(email="intruder@evil.iam.gserviceaccount.com")
+            refused = httpx.post(f"{base}/warmup", headers={"Authorization": f"Bearer {intruder}"}, timeout=60)
+            assert refused.status_code == 403 and refused.json()["code"] == "forbidden"
+        assert local.fetches == 1  # three checks, one certificate fetch
     finally:
         local.close()
 
