@@ -65,7 +65,6 @@ class CachedCerts(google.auth.transport.Request):  # type: ignore[misc]
         self._clock = clock
         self._lock = threading.Lock()
         self._cached: dict[str, tuple[float, google.auth.transport.Response]] = {}
-        self.fetches = 0
 
     def __call__(
         self,
@@ -86,7 +85,6 @@ class CachedCerts(google.auth.transport.Request):  # type: ignore[misc]
                 import google.auth.transport.requests
 
                 self._inner = google.auth.transport.requests.Request()
-            self.fetches += 1
             response = self._inner(url, method="GET", headers=headers, timeout=timeout or CERTS_TIMEOUT_S, **kwargs)
             if response.status != 200:
                 return response  # id_token answers it with a TransportError
