@@ -24,10 +24,9 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,26 +44,43 @@ log = logging.getLogger("cutout.warmup")
 GOOGLE_ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
 CLOCK_SKEW_S = 30
 CERTS_TIMEOUT_S = 10.0
-_MAX_AGE = re.compile(r"(?:^|,)\s*max-age=(\d+)\s*(?:,|$)")
-_NO_CACHE = re.compile(r"(?:^|,)\s*(?:no-store|no-cache)\s*(?:,|$)")
 
 
-class CachedCerts(google.auth.transport.Request):  # type: ignore[misc]
-    """google-auth's requests transport, keeping each certs document for its Cache-Control max-age.
+class CertsTransport(google.auth.transport.Request):  # type: ignore[misc]
+    """google-auth's requests transport over a CacheControl session, for the certs URL.
 
     `google.oauth2.id_token` fetches the certificates on every verification and leaves caching to
-    the transport (its module docs suggest CacheControl). This keeps the one document it asks for,
-    for the freshness Google's answer states (`max-age` less `Age`), so Cloud Scheduler's calls
-    cost no fetch while the keys are fresh, and concurrent verifications share one fetch. An answer
+    the transport; its module docs name CacheControl for it. The session keeps Google's answer for
+    its Cache-Control max-age (counted from its Date), revalidates it once stale, and never keeps a
+    `no-store` one, so Cloud Scheduler's calls cost no fetch while the keys are fresh. An answer
     that is not a `{kid: PEM certificate}` map (what `verify_token` reads without PyJWT) is refused
     as a transport error, like an unreachable URL: the caller cannot check tokens right now.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self) -> None:
         self._inner: google.auth.transport.Request | None = None  # made on first use: `requests` loads then
-        self._clock = clock
+        self._cache: Any = None
         self._lock = threading.Lock()
-        self._cached: dict[str, tuple[float, google.auth.transport.Response]] = {}
+
+    def _transport(self) -> google.auth.transport.Request:
+        with self._lock:
+            if self._inner is None:
+                import cachecontrol
+                import google.auth.transport.requests
+                import requests
+                from cachecontrol.cache import DictCache
+
+                self._cache = DictCache()
+                session = cachecontrol.CacheControl(requests.Session(), cache=self._cache)
+                self._inner = google.auth.transport.requests.Request(session=session)
+            return self._inner
+
+    def forget(self, url: str) -> None:
+        """Drop a kept answer (one that turned out unreadable), so the next check fetches again."""
+        from cachecontrol.controller import CacheController
+
+        if self._cache is not None:
+            self._cache.delete(CacheController.cache_url(url))
 
     def __call__(
         self,
@@ -75,37 +91,16 @@ class CachedCerts(google.auth.transport.Request):  # type: ignore[misc]
         timeout: float | None = None,
         **kwargs: Any,
     ) -> google.auth.transport.Response:
-        if method != "GET" or body is not None:
-            raise auth_exceptions.TransportError(f"only GET is cached, not {method} {url}")
-        with self._lock:  # one fetch at a time: a burst of verifications shares it
-            cached = self._cached.get(url)
-            if cached is not None and self._clock() < cached[0]:
-                return cached[1]
-            if self._inner is None:
-                import google.auth.transport.requests
-
-                self._inner = google.auth.transport.requests.Request()
-            response = self._inner(url, method="GET", headers=headers, timeout=timeout or CERTS_TIMEOUT_S, **kwargs)
-            if response.status != 200:
-                return response  # id_token answers it with a TransportError
-            _check_certs(url, response.data)
-            fresh_s = freshness_s(response.headers)
-            if fresh_s > 0:
-                self._cached[url] = (self._clock() + fresh_s, response)
-            else:
-                self._cached.pop(url, None)
-            return response
-
-
-def freshness_s(headers: Mapping[str, str]) -> float:
-    """How long an answer stays fresh: Cache-Control max-age less its Age; 0 when not cacheable."""
-    lowered = {key.lower(): value for key, value in headers.items()}
-    control = lowered.get("cache-control", "").lower()
-    match = _MAX_AGE.search(control)
-    if match is None or _NO_CACHE.search(control):
-        return 0.0
-    age = lowered.get("age", "0").strip()
-    return max(0.0, float(match.group(1)) - (float(age) if age.isdigit() else 0.0))
+        response = self._transport()(
+            url, method=method, body=body, headers=headers, timeout=timeout or CERTS_TIMEOUT_S, **kwargs
+        )
+        if response.status == 200:
+            try:
+                _check_certs(url, response.data)
+            except auth_exceptions.TransportError:
+                self.forget(url)
+                raise
+        return response  # another status: id_token answers it with a TransportError
 
 
 def _check_certs(url: str, data: bytes) -> None:
@@ -121,12 +116,12 @@ def _check_certs(url: str, data: bytes) -> None:
 
 
 class WarmupAuth:
-    def __init__(self, settings: Settings, certs: CachedCerts | None = None) -> None:
+    def __init__(self, settings: Settings, certs: CertsTransport | None = None) -> None:
         self.token = settings.warmup_token
         self.audience = settings.warmup_audience
         self.service_account = settings.warmup_service_account
         self.certs_url = settings.warmup_certs_url
-        self.certs = certs or CachedCerts()
+        self.certs = certs or CertsTransport()
 
     async def check(self, shared_token: str | None, authorization: str | None) -> str:
         """Raise `Unauthorized`/`Forbidden` unless a credential checks out; returns which one did."""

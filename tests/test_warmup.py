@@ -24,7 +24,7 @@ from google.auth import crypt, jwt
 from scripts.make_test_weights import write_inspyrenet
 from service.app import create_app
 from service.errors import Forbidden
-from service.warmup import CachedCerts, WarmupAuth
+from service.warmup import CertsTransport, WarmupAuth
 from tests.conftest import make_settings
 from tests.server import running_server
 
@@ -71,7 +71,7 @@ class LocalGoogle:
         self.kid = "local-key-1"
         self.fetches = 0
         self.cache_control = "public, max-age=21600, must-revalidate, no-transform"
-        self.age: int | None = None
+        self.served_age_s = 0  # how old the Date header says the answer is
         self.document: Any = {self.kid: certificate(self.key)}
         google = self
 
@@ -82,11 +82,12 @@ class LocalGoogle:
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json; charset=UTF-8")
                 self.send_header("Cache-Control", google.cache_control)
-                if google.age is not None:
-                    self.send_header("Age", str(google.age))
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                return super().date_time_string(time.time() - google.served_age_s)
 
             def log_message(self, *args: Any) -> None:
                 return
@@ -210,13 +211,13 @@ def test_oidc_token_from_the_scheduler_account(client_factory: Callable[..., Tes
 
 
 def test_certs_are_kept_for_their_max_age_then_fetched_again(tmp_path: Path) -> None:
-    """google-auth fetches the certs on every verification; our transport keeps them for the
-    answer's Cache-Control max-age (less its Age), and a rotated key is found after it."""
+    """google-auth fetches the certs on every verification; the CacheControl session under it keeps
+    them for the answer's Cache-Control max-age (counted from its Date), and a rotated key is found
+    once the kept copy is stale."""
     local = LocalGoogle()
     try:
-        now = [1000.0]
-        certs = CachedCerts(clock=lambda: now[0])
-        auth = WarmupAuth(make_settings(tmp_path, **oidc_settings(local)), certs=certs)
+        local.cache_control = "public, max-age=3, must-revalidate, no-transform"
+        auth = WarmupAuth(make_settings(tmp_path, **oidc_settings(local)), certs=CertsTransport())
         assert auth.verify_oidc(local.token())["email"] == SCHEDULER
         assert auth.verify_oidc(local.token())["email"] == SCHEDULER
         assert local.fetches == 1
@@ -225,32 +226,35 @@ def test_certs_are_kept_for_their_max_age_then_fetched_again(tmp_path: Path) -> 
         new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         local.document = {local.kid: certificate(local.key), "local-key-2": certificate(new_key)}
         rotated = local.token(key=new_key, kid="local-key-2")
-        now[0] += 21599
         with pytest.raises(Forbidden):
             auth.verify_oidc(rotated)  # still fresh: the kept document does not know the new key
         assert local.fetches == 1
-        now[0] += 2
+        time.sleep(3.5)
         assert auth.verify_oidc(rotated)["email"] == SCHEDULER
         assert local.fetches == 2
 
-        # The answer's Age counts against its max-age.
-        local.age = 21000
-        now[0] += 21601
+        # An answer whose Date is already older than its max-age is fetched again for every check.
+        local.cache_control = "public, max-age=21600, must-revalidate, no-transform"
+        local.served_age_s = 21601
+        time.sleep(3.5)
         auth.verify_oidc(local.token())
-        assert local.fetches == 3
-        now[0] += 599
-        auth.verify_oidc(local.token())
-        assert local.fetches == 3
-        now[0] += 2
         auth.verify_oidc(local.token())
         assert local.fetches == 4
+        # One with 10 minutes of its 6 hours left is kept.
+        local.served_age_s = 21000
+        auth.verify_oidc(local.token())
+        auth.verify_oidc(local.token())
+        assert local.fetches == 5
 
         # An answer that may not be kept is fetched for every verification.
-        local.age, local.cache_control = None, "no-store"
-        now[0] += 10**6
-        auth.verify_oidc(local.token())
-        auth.verify_oidc(local.token())
-        assert local.fetches == 6
+        local.served_age_s, local.cache_control = 0, "no-store"
+        time.sleep(0.1)
+        auth.verify_oidc(local.token())  # still the kept copy: 10 minutes left
+        local.document = {"local-key-2": certificate(new_key)}
+        auth.certs.forget(local.certs_url)  # as a new instance starts, with nothing kept
+        auth.verify_oidc(rotated)
+        auth.verify_oidc(rotated)
+        assert local.fetches == 7
     finally:
         local.close()
 
