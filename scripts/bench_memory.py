@@ -55,7 +55,8 @@ from effects.background import Background, compose
 from effects.engine import CUTOUT, Engine, output_size
 from scripts.make_test_weights import write_inspyrenet
 from service import imaging
-from service.flow import Flow, ProcessRequest, parse_request
+from service.flow import Flow
+from service.forms import ProcessRequest, parse_request
 from service.settings import Settings
 
 CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")

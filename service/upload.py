@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import UploadTooLarge, error_response
+from service.errors import UploadTooLarge, error_answer
 
 # Room for the multipart envelope and the small form fields around the photo itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -36,8 +36,8 @@ class UploadLimitMiddleware:
                 except ValueError:
                     announced = 0
                 if announced > self.max_body_bytes:
-                    response = error_response(413, UploadTooLarge.code, too_large_detail(self.max_upload_bytes))
-                    await response(scope, receive, send)
+                    refusal = UploadTooLarge(too_large_detail(self.max_upload_bytes))
+                    await error_answer(refusal)(scope, receive, send)
                     return
         received = 0
 

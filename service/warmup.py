@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from service.errors import Forbidden, ServiceUnavailable, Unauthorized
-from service.routes.meta import effect_states, readiness
+from service.errors import Forbidden, SigningKeysUnavailable, Unauthorized
+from service.readiness import effect_states, readiness
 from service.settings import Settings
 
 log = logging.getLogger("cutout.warmup")
@@ -143,7 +143,7 @@ class WarmupAuth:
             certs = self.certs.keys(header.get("kid"))
         except (OSError, ValueError) as exc:
             log.error("could not fetch Google's token-signing keys from %s: %s", self.certs.url, exc)
-            raise ServiceUnavailable("cannot check OIDC tokens right now; retry shortly", retry_after=30) from exc
+            raise SigningKeysUnavailable("cannot check OIDC tokens right now; retry shortly") from exc
         try:
             claims: dict[str, Any] = jwt.decode(
                 token, certs=certs, audience=self.audience, clock_skew_in_seconds=CLOCK_SKEW_S

@@ -36,8 +36,8 @@ from fastapi.responses import Response
 from cache.store import IMMUTABLE_CACHE_CONTROL
 from service.deps import FlowDep, SettingsDep
 from service.errors import InvalidParameter, UnknownEffect
-from service.flow import EffectResult, Flow, ProcessOutcome, parse_request
-from service.routes.process import read_upload
+from service.flow import EffectResult, Flow, ProcessOutcome
+from service.forms import parse_request, read_upload
 from service.settings import Settings
 
 log = logging.getLogger("cutout.compat")

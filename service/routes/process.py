@@ -10,9 +10,15 @@ from fastapi.responses import Response
 
 from cache.store import IMMUTABLE_CACHE_CONTROL
 from service.deps import FlowDep, SettingsDep
-from service.errors import InvalidParameter, MalformedRequest, UploadTooLarge
-from service.flow import ProcessRequest, load_params_json, parse_image_sha256, parse_request
-from service.upload import too_large_detail
+from service.errors import InvalidParameter
+from service.forms import (
+    ProcessRequest,
+    load_params_json,
+    parse_image_sha256,
+    parse_request,
+    read_upload,
+    reject_unknown_fields,
+)
 
 router = APIRouter(tags=["processing"])
 
@@ -20,28 +26,12 @@ PROCESS_FIELDS = frozenset({"image", "image_sha256", "effects", "background", "f
 EFFECT_FIELDS = PROCESS_FIELDS - {"effects"}
 
 
-async def _reject_unknown_fields(request: Request, allowed: frozenset[str]) -> None:
-    form = await request.form()  # parsed once; FastAPI reuses it for the fields below
-    unknown = sorted(set(form.keys()) - allowed)
-    if unknown:
-        raise MalformedRequest(
-            f"unknown form field {', '.join(unknown)}; accepted fields: {', '.join(sorted(allowed))}"
-        )
-
-
 async def process_fields(request: Request) -> None:
-    await _reject_unknown_fields(request, PROCESS_FIELDS)
+    await reject_unknown_fields(request, PROCESS_FIELDS)
 
 
 async def effect_fields(request: Request) -> None:
-    await _reject_unknown_fields(request, EFFECT_FIELDS)
-
-
-async def read_upload(image: UploadFile, limit: int) -> bytes:
-    data = await image.read(limit + 1)
-    if len(data) > limit:
-        raise UploadTooLarge(too_large_detail(limit))
-    return data
+    await reject_unknown_fields(request, EFFECT_FIELDS)
 
 
 ImageField = Annotated[UploadFile | None, File(description="The photo: JPEG, PNG, WebP, GIF or HEIC/HEIF.")]
