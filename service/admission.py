@@ -56,6 +56,7 @@ from service.errors import (
     ShuttingDown,
     error_answer,
 )
+from service.middleware import HttpMiddleware
 
 log = logging.getLogger("cutout.admission")
 
@@ -125,17 +126,14 @@ class Admission:
         )
 
 
-class AdmissionMiddleware:
+class AdmissionMiddleware(HttpMiddleware):
     """Applies `Admission` to every request; sits inside the rate limit, outside the upload guard."""
 
     def __init__(self, app: ASGIApp, admission: Admission) -> None:
-        self.app = app
+        super().__init__(app)
         self.admission = admission
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         admission = self.admission
         if admission.draining and scope["path"] == READY_PATH:
             await _refuse(scope, receive, send, DrainingProbe("this instance is shutting down"), close=False)

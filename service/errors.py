@@ -28,9 +28,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from opentelemetry import trace
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from effects.engine import ModelMissing, ModelNotReady, OutOfMemory
+from service.middleware import HttpMiddleware
 
 log = logging.getLogger("cutout.errors")
 
@@ -281,20 +282,14 @@ def internal_error_response(exc: BaseException) -> JSONResponse:
     return response
 
 
-class CatchAllMiddleware:
+class CatchAllMiddleware(HttpMiddleware):
     """Answers a bug inside it as JSON 500; add it just before CORS so CORS wraps the answer.
 
     Once an answer has started nothing can replace it: the exception goes on, and the server
     closes the connection (a cut answer, never a wrong one).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def tracked_send(message: Message) -> None:

@@ -90,6 +90,17 @@ class EffectResult:
         }
 
 
+@dataclass(frozen=True)
+class _Job:
+    """The computing part of one request: the effects the store did not have, and the answer's timings."""
+
+    image_hash: str
+    request: ProcessRequest
+    names: list[str]
+    want_bytes: bool
+    timings: dict[str, float]
+
+
 @dataclass
 class ProcessOutcome:
     image_sha256: str
@@ -213,25 +224,15 @@ class Flow:
             # Held briefly, beside the computation, so an order can keep this photo by its hash (POST /v1/keep).
             held = asyncio.create_task(self._store(upload_object(image_hash), upload, "application/octet-stream"))
             try:
-                results.update(
-                    await self._compute(upload, image_hash, request, missing, timings, want_bytes=want_bytes)
-                )
+                job = _Job(image_hash, request, missing, want_bytes, timings)
+                results.update(await self._compute(upload, job))
             finally:
                 await held
         timings["total"] = _ms_since(started)
         note_results(results.values())  # type: ignore[arg-type]  # Literal cache outcomes are str
         return ProcessOutcome(image_hash, {name: results[name] for name in request.effects}, timings)
 
-    async def _compute(
-        self,
-        upload: bytes,
-        image_hash: str,
-        request: ProcessRequest,
-        names: list[str],
-        timings: dict[str, float],
-        *,
-        want_bytes: bool,
-    ) -> dict[str, EffectResult]:
+    async def _compute(self, upload: bytes, job: _Job) -> dict[str, EffectResult]:
         try:
             try:
                 clock = time.perf_counter()
@@ -242,40 +243,33 @@ class Flow:
                         codecs.load,
                         upload,
                         self.settings.max_pixels,
-                        request.max_size,
+                        job.request.max_size,
                         self.engine.device,
                         self.engine.upload_guarded,
-                        request.background.needs_mask,
+                        job.request.background.needs_mask,
                     )
                     channels, height, width = loaded.image.shape
                     span.set_attribute("cutout.pixels", int(height * width))
                     span.set_attribute("cutout.decoder", loaded.decoder)
-                timings["decode"] = _ms_since(clock)
+                job.timings["decode"] = _ms_since(clock)
                 needed = self.engine.working_bytes(
-                    height, width, channels, request.max_size, mask=request.background.needs_mask
+                    height, width, channels, job.request.max_size, mask=job.request.background.needs_mask
                 )
                 # Handed over in a list the callee empties, so no frame keeps the upload alive
                 # once the background step has made the output-size image from it.
                 handoff = [loaded.image]
                 del loaded
                 async with self.memory.reserve(needed):
-                    return await self._compute_on_device(handoff, image_hash, request, names, timings, want_bytes)
+                    return await self._compute_on_device(handoff, job)
             except BaseExceptionGroup as group:
                 raise _first_error(group) from None
         except torch.OutOfMemoryError:  # a step no guard covers: freed here, answered like the guarded ones
             release_device_memory()
             raise
 
-    async def _compute_on_device(
-        self,
-        handoff: list[torch.Tensor],
-        image_hash: str,
-        request: ProcessRequest,
-        names: list[str],
-        timings: dict[str, float],
-        want_bytes: bool,
-    ) -> dict[str, EffectResult]:
+    async def _compute_on_device(self, handoff: list[torch.Tensor], job: _Job) -> dict[str, EffectResult]:
         engine = self.engine
+        image_hash, request, timings = job.image_hash, job.request, job.timings
         image = handoff.pop()
         clock = time.perf_counter()
         mask = None
@@ -324,7 +318,7 @@ class Flow:
                 size=len(data),
                 # Kept when the answer carries them (the bytes route, or a data: URL for a result
                 # the store could not keep); otherwise let go at once, not at the request's end.
-                data=data if want_bytes or outcome == "bypass" else None,
+                data=data if job.want_bytes or outcome == "bypass" else None,
             )
 
         finishing: dict[str, asyncio.Task[EffectResult]] = {}
@@ -332,7 +326,7 @@ class Flow:
             if mask_write is not None:
                 group.create_task(self._store(*mask_write, "image/png"))
             # One effect at a time on the one working set; its encode and store overlap the next.
-            for name in names:
+            for name in job.names:
                 effect = EFFECTS[name]
                 clock = time.perf_counter()
                 with stage("effect", gpu=True, effect=name, kind=effect.kind):
@@ -394,7 +388,6 @@ class Flow:
         # The cache is an optimisation: its failure is logged and counted, never answered.
         self.store_errors += 1
         log.warning("result store %s failed for %s: %s: %s", action, name, exc.__class__.__name__, exc)
-
 
 
 async def run_thread(function: Callable[..., T], *args: Any) -> T:
