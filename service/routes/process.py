@@ -8,7 +8,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from cache.store import IMMUTABLE_CACHE_CONTROL
 from service.deps import FlowDep, SettingsDep
 from service.errors import InvalidParameter
 from service.forms import (
@@ -19,6 +18,7 @@ from service.forms import (
     read_upload,
     reject_unknown_fields,
 )
+from service.routes import image_response
 
 router = APIRouter(tags=["processing"])
 
@@ -119,11 +119,7 @@ async def apply_effect(
     if len(request.effects) != 1:
         raise InvalidParameter("this route applies exactly one effect; use POST /v1/process for several")
     outcome = await _run(flow, settings, request, image, image_sha256, want_bytes=True)
-    result = outcome.results[request.effects[0]]
-    headers = {"X-Cache": result.cache.upper(), "ETag": f'"{result.key}"', "Cache-Control": IMMUTABLE_CACHE_CONTROL}
-    if result.location is not None:  # a result the store could not keep has no URL but this answer
-        headers["Content-Location"] = result.location
-    return Response(content=result.data, media_type=result.content_type, headers=headers)
+    return image_response(outcome.results[request.effects[0]])
 
 
 def _wrap_params(effect: str, params: str) -> str:
