@@ -105,16 +105,19 @@ def test_stage_tree_of_a_real_request(
     assert batches[0].attributes["cutout.input_size"] == 384
     assert batches[0].context.trace_id != trace_id
 
-    # GPU-seconds of the request: its share of the mask batch + the background and effect stages.
+    # GPU-seconds of the request: device time (on the CPU, the working thread's CPU time) of its
+    # upload (in decode), mask input, background and effects, plus its share of the mask batch (here
+    # alone in it: all of it). Never more than the wall time of the stages that hold that work.
     def seconds(span: ReadableSpan) -> float:
         return (span.end_time - span.start_time) / 1e9
 
-    expected = seconds(batches[0]) + sum(seconds(span) for span in by_name["background"] + by_name["effect"])
+    batch_device_s = batches[0].attributes["cutout.device_seconds"]
+    assert 0 < batch_device_s <= seconds(batches[0])
+    holding = by_name["decode"] + by_name["mask"] + by_name["background"] + by_name["effect"]
     samples = client.app.state.metrics.snapshot()  # type: ignore[attr-defined]
     (gpu,) = [sample.value for sample in samples if sample.definition.name == "gpu_seconds_per_image"]
     assert gpu.count == 1
-    assert gpu.total == pytest.approx(expected, rel=0.02, abs=0.005)
-    assert gpu.total > seconds(batches[0]) > 0
+    assert batch_device_s < gpu.total <= sum(seconds(span) for span in holding)
 
 
 def test_a_repeat_is_a_lookup_without_decoding(
