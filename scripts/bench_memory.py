@@ -52,7 +52,8 @@ from effects.background import Background, compose
 from effects.engine import CUTOUT, Engine, output_size
 from scripts.make_test_weights import write_inspyrenet
 from service import imaging
-from service.flow import Flow, ProcessRequest, parse_request
+from service.flow import Flow
+from service.forms import ProcessRequest, parse_request
 from service.settings import Settings
 from tests.support import photos
 

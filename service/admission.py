@@ -47,7 +47,17 @@ from contextlib import asynccontextmanager
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import CutoutError, DeadlineExceeded, Overloaded, ServiceUnavailable, error_response
+from service.errors import (
+    ANSWERS,
+    ClientClosedRequest,
+    CutoutError,
+    DeadlineExceeded,
+    DrainingProbe,
+    Overloaded,
+    ShuttingDown,
+    error_answer,
+)
+from service.middleware import HttpMiddleware
 
 log = logging.getLogger("cutout.admission")
 
@@ -59,21 +69,6 @@ CLOUD_RUN_SIGTERM_GRACE_S = 10.0
 EXIT_MARGIN_S = 0.5
 # The least the telemetry flush is given, even after a long drain (a final metrics write is one call).
 MIN_FLUSH_S = 0.5
-# Short: another instance (or this one, a moment later) usually has room.
-OVERLOADED_RETRY_AFTER_S = 2
-# A draining instance never takes the request back; the retry lands on another instance.
-DRAINING_RETRY_AFTER_S = 1
-
-
-class ShuttingDown(ServiceUnavailable):
-    code = "shutting_down"
-
-
-class ClientClosedRequest(CutoutError):
-    """Recorded (never seen by the client, who left): nginx's 499."""
-
-    status_code = 499
-    code = "client_closed_request"
 
 
 def is_processing(scope: Scope) -> bool:
@@ -89,12 +84,6 @@ class Admission:
         self.request_timeout_s = request_timeout_s
         self.shutdown_grace_s = shutdown_grace_s
         self.in_flight = 0
-        self.peak_in_flight = 0
-        self.refused_overloaded = 0
-        self.refused_draining = 0
-        self.deadlines_exceeded = 0
-        self.cut_by_shutdown = 0
-        self.client_gone = 0
         self.completed = 0
         self.draining_since: float | None = None
 
@@ -121,7 +110,7 @@ class Admission:
     def overloaded_detail(self) -> str:
         return (
             f"this instance is already processing {self.in_flight} requests, its limit "
-            f"(CUTOUT_MAX_QUEUE={self.max_queue}); retry in {OVERLOADED_RETRY_AFTER_S} s"
+            f"(CUTOUT_MAX_QUEUE={self.max_queue}); retry in {ANSWERS[Overloaded].retry_after} s"
         )
 
     def deadline_detail(self, *, body_read: bool, received: int) -> str:
@@ -138,39 +127,31 @@ class Admission:
         )
 
 
-class AdmissionMiddleware:
+class AdmissionMiddleware(HttpMiddleware):
     """Applies `Admission` to every request; sits inside the rate limit, outside the upload guard."""
 
     def __init__(self, app: ASGIApp, admission: Admission) -> None:
-        self.app = app
+        super().__init__(app)
         self.admission = admission
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         admission = self.admission
         if admission.draining and scope["path"] == READY_PATH:
-            await _refuse(scope, receive, send, ShuttingDown("this instance is shutting down"), close=False)
+            await _refuse(scope, receive, send, DrainingProbe("this instance is shutting down"), close=False)
             return
         if not is_processing(scope):
             await self.app(scope, receive, send)
             return
         if admission.draining:
-            admission.refused_draining += 1
             refusal = ShuttingDown(
-                "this instance is shutting down and takes no new work; retry, another instance will answer",
-                retry_after=DRAINING_RETRY_AFTER_S,
+                "this instance is shutting down and takes no new work; retry, another instance will answer"
             )
             await _refuse(scope, receive, send, refusal, close=True)
             return
         if admission.in_flight >= admission.max_queue:
-            admission.refused_overloaded += 1
-            overloaded = Overloaded(admission.overloaded_detail(), retry_after=OVERLOADED_RETRY_AFTER_S)
-            await _refuse(scope, receive, send, overloaded, close=False)
+            await _refuse(scope, receive, send, Overloaded(admission.overloaded_detail()), close=False)
             return
         admission.in_flight += 1
-        admission.peak_in_flight = max(admission.peak_in_flight, admission.in_flight)
         released = False
 
         def release() -> None:
@@ -230,7 +211,6 @@ class AdmissionMiddleware:
             if client_gone and request_task is not None and request_task.uncancel() == 0:
                 # The work was cancelled and has ended. The answer goes nowhere (the server drops
                 # it), but the access log and the metrics record 499, not a failure of ours.
-                self.admission.client_gone += 1
                 log.info("client went away before its answer; its work was cancelled", extra={"path": scope["path"]})
                 gone = ClientClosedRequest("the client closed the connection before its answer")
                 await _refuse(scope, receive, send, gone, close=True)
@@ -239,17 +219,14 @@ class AdmissionMiddleware:
                 raise
             # uvicorn cancels what still runs when the shutdown grace ends, and would answer 500
             # for it; the client gets a 503 it can retry on another instance instead.
-            self.admission.cut_by_shutdown += 1
             stopped = ShuttingDown(
                 f"this instance stopped before the request finished (its shutdown grace is "
-                f"{self.admission.shutdown_grace_s:g} s); retry, another instance will answer",
-                retry_after=DRAINING_RETRY_AFTER_S,
+                f"{self.admission.shutdown_grace_s:g} s); retry, another instance will answer"
             )
             await _refuse(scope, receive, send, stopped, close=True)
         except TimeoutError:
             if not deadline.expired():
                 raise  # a timeout inside the app is the app's own failure, not the deadline
-            self.admission.deadlines_exceeded += 1
             if answered:
                 # The answer had started; there is nothing to replace it with. uvicorn closes the
                 # connection, so the client sees a cut answer, never a wrong one.
@@ -312,7 +289,7 @@ def _glibc_malloc_trim() -> Callable[[int], int] | None:
 
 
 async def _refuse(scope: Scope, receive: Receive, send: Send, error: CutoutError, *, close: bool) -> None:
-    response = error_response(error.status_code, error.code, error.detail, error.retry_after)
+    response = error_answer(error)
     if close:
         # The rest of the body is never read: the connection cannot carry another request.
         response.headers["Connection"] = "close"

@@ -19,8 +19,6 @@ import asyncio
 import base64
 import concurrent.futures
 import contextvars
-import io
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,49 +27,24 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image
-from pydantic import ValidationError
 
-from cache.keys import SHA256_HEX, Recipe, image_sha256, mask_object, result_object, upload_object
+from cache import masks
+from cache.keys import Recipe, image_sha256, mask_object, result_object, upload_object
 from cache.store import ResultStore, image_info
 from effects import EFFECTS
-from effects.background import Background
-from effects.base import Effect, EffectParams
-from effects.engine import CUTOUT, Engine, ModelMissing, ModelNotReady, OutOfMemory, release_device_memory
+from effects.base import Effect
+from effects.engine import CUTOUT, Engine, ModelMissing, release_device_memory
 from service import codecs, imaging
 from service.admission import MemoryBudget
-from service.errors import (
-    CutoutError,
-    GpuOutOfMemory,
-    ImageNotCached,
-    InvalidParameter,
-    ModelLoading,
-    ModelUnavailable,
-    UnknownEffect,
-)
+from service.errors import CutoutError, ImageNotCached, answer_for
+from service.forms import ProcessRequest
 from service.settings import Settings
 from service.telemetry import note_results, stage
 
 log = logging.getLogger("cutout.flow")
 
 CacheOutcome = Literal["hit", "miss", "bypass"]
-MAX_SEED = 2**32 - 1
-# `params` is a few small objects; far more is a mistake or an attack, refused before parsing.
-MAX_PARAMS_CHARS = 16_384
-MAX_PARAMS_DEPTH = 8
-# How much of a client's own text an error detail repeats.
-ECHO_CHARS = 120
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ProcessRequest:
-    effects: tuple[str, ...]
-    background: Background
-    format: str
-    max_size: int
-    params: dict[str, EffectParams]
-    seed: int
 
 
 @dataclass
@@ -117,152 +90,22 @@ class EffectResult:
         }
 
 
+@dataclass(frozen=True)
+class _Job:
+    """The computing part of one request: the effects the store did not have, and the answer's timings."""
+
+    image_hash: str
+    request: ProcessRequest
+    names: list[str]
+    want_bytes: bool
+    timings: dict[str, float]
+
+
 @dataclass
 class ProcessOutcome:
     image_sha256: str
     results: dict[str, EffectResult]
     timings_ms: dict[str, float] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------ parsing
-
-
-def parse_request(
-    *,
-    effects: str,
-    background: str,
-    output_format: str,
-    max_size: int | None,
-    params: str | None,
-    seed: int,
-    settings: Settings,
-) -> ProcessRequest:
-    """Validate every form field up front, with errors that say how to fix them."""
-    names = tuple(dict.fromkeys(name.strip().lower() for name in effects.split(",") if name.strip()))
-    if not names:
-        raise InvalidParameter(f"effects is empty; name one or more of: {', '.join(EFFECTS)}")
-    unknown = [name for name in names if name not in EFFECTS]
-    if unknown:
-        raise UnknownEffect(f"unknown effect {clip(', '.join(unknown))}; valid effects are: {', '.join(EFFECTS)}")
-    try:
-        parsed_background = Background.parse(background)
-    except ValueError as exc:
-        raise InvalidParameter(str(exc)) from exc
-    fmt = output_format.strip().lower()
-    if fmt == "jpg":
-        fmt = "jpeg"
-    if fmt not in imaging.OUTPUT_FORMATS:
-        raise InvalidParameter(f"format {clip(output_format)!r} is not one of png, webp, jpeg")
-    if fmt == "jpeg" and parsed_background.kind == "transparent":
-        raise InvalidParameter(
-            "format=jpeg cannot keep a transparent background; use png or webp, or background=white|#rrggbb|blur"
-        )
-    if CUTOUT in names and parsed_background.kind == "none":
-        raise InvalidParameter(
-            "effect cutout removes the background but background=none keeps it; "
-            "use background=transparent, white, #rrggbb or blur"
-        )
-    size = settings.default_max_size if max_size is None else max_size
-    if not 64 <= size <= 4096:
-        raise InvalidParameter(f"max_size must be between 64 and 4096 pixels, got {size}")
-    if not 0 <= seed <= MAX_SEED:
-        raise InvalidParameter(f"seed must be between 0 and {MAX_SEED}, got {seed}")
-    return ProcessRequest(
-        effects=names,
-        background=parsed_background,
-        format=fmt,
-        max_size=size,
-        params=parse_params(params, names),
-        seed=seed,
-    )
-
-
-def clip(text: str, limit: int = ECHO_CHARS) -> str:
-    """A client's text as an error detail repeats it: at most `limit` characters."""
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(f"{clip(text, 40)} is too large for a number")
-    return value
-
-
-def load_params_json(raw: str) -> Any:
-    """`params` parsed, or the 400 that says what is wrong with it, whatever the client sent.
-
-    Beyond syntax errors: text too long, nesting too deep (which would exhaust the parser's
-    recursion), integers past Python's digit limit, NaN and Infinity.
-    """
-    if len(raw) > MAX_PARAMS_CHARS:
-        raise InvalidParameter(f"params is {len(raw)} characters long; the limit is {MAX_PARAMS_CHARS}")
-    try:
-        given = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except json.JSONDecodeError as exc:
-        raise InvalidParameter(f"params is not valid JSON ({exc.msg} at position {exc.pos})") from exc
-    except RecursionError as exc:
-        raise InvalidParameter(f"params is nested too deeply; at most {MAX_PARAMS_DEPTH} levels") from exc
-    except ValueError as exc:  # an integer past the digit limit, NaN, Infinity, 1e999
-        raise InvalidParameter(f"params holds a value it cannot: {clip(str(exc))}") from exc
-    if _depth(given) > MAX_PARAMS_DEPTH:
-        raise InvalidParameter(f"params is nested too deeply; at most {MAX_PARAMS_DEPTH} levels")
-    return given
-
-
-def _depth(value: Any) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest = 0
-    pending: list[tuple[Any, int]] = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        deepest = max(deepest, depth)
-        if depth > MAX_PARAMS_DEPTH:
-            break
-        if isinstance(item, dict):
-            pending.extend((child, depth + 1) for child in item.values())
-        elif isinstance(item, list):
-            pending.extend((child, depth + 1) for child in item)
-    return deepest
-
-
-def parse_params(raw: str | None, names: tuple[str, ...]) -> dict[str, EffectParams]:
-    given: Any = {}
-    if raw is not None and raw.strip():
-        given = load_params_json(raw)
-    if not isinstance(given, dict):
-        raise InvalidParameter('params must be a JSON object like {"blackwhite": {"grain": 0.3}}')
-    stray = [name for name in given if name not in names]
-    if stray:
-        raise InvalidParameter(
-            f"params given for {clip(', '.join(map(str, stray)))}, which the request does not ask for; "
-            f"requested effects: {', '.join(names)}"
-        )
-    validated: dict[str, EffectParams] = {}
-    for name in names:
-        values = given.get(name, {})
-        if not isinstance(values, dict):
-            raise InvalidParameter(f"params.{name} must be a JSON object of that effect's parameters")
-        try:
-            validated[name] = EFFECTS[name].params.model_validate(values)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"params.{name}.{clip('.'.join(str(p) for p in error['loc']) or name)}: {clip(error['msg'])}"
-                for error in exc.errors()[:5]
-            )
-            raise InvalidParameter(problems) from exc
-    return validated
-
-
-def parse_image_sha256(value: str) -> str:
-    text = value.strip().lower()
-    if not SHA256_HEX.fullmatch(text):
-        raise InvalidParameter("image_sha256 must be the 64 hex digits of the photo's sha256")
-    return text
 
 
 # ------------------------------------------------------------------------ the flow
@@ -275,7 +118,6 @@ class Flow:
         self.engine = engine
         self.store = store
         self.settings = settings
-        self.cache_counts: dict[CacheOutcome, int] = {"hit": 0, "miss": 0, "bypass": 0}
         self.store_errors = 0
         self.memory = MemoryBudget(engine.work_memory_bytes)
 
@@ -304,20 +146,15 @@ class Flow:
     def result_key(self, image_hash: str, name: str, request: ProcessRequest) -> str:
         recipe = self.recipe(image_hash, name, request)
         if recipe is None:  # check_models ran first, so every needed model has its id
-            raise ModelUnavailable(f"{name} needs a model whose weights are absent", retry_after=60)
+            raise ModelMissing(f"{name} needs a model whose weights are absent")
         return recipe.result_key()
 
     def check_models(self, request: ProcessRequest, names: list[str]) -> None:
-        """Refuse before any work when a model the request needs cannot run now."""
-        try:
-            if request.background.needs_mask:
-                self.engine.check_model(CUTOUT)
-            for name in names:
-                self.engine.check_available(EFFECTS[name])
-        except ModelNotReady as exc:
-            raise ModelLoading(str(exc), retry_after=5) from exc
-        except ModelMissing as exc:
-            raise ModelUnavailable(str(exc), retry_after=60) from exc
+        """Refuse before any work when a model the request needs cannot run now (still loading, or absent)."""
+        if request.background.needs_mask:
+            self.engine.check_model(CUTOUT)
+        for name in names:
+            self.engine.check_available(EFFECTS[name])
 
     async def lookup(self, image_hash: str, request: ProcessRequest, *, want_bytes: bool) -> dict[str, EffectResult]:
         """Results already in the store, by effect name; the effects are looked up concurrently."""
@@ -370,7 +207,7 @@ class Flow:
             raise ImageNotCached(
                 f"no stored result for {', '.join(missing)} of image {image_hash}; upload the photo in `image`"
             )
-        self._count(found.values())
+        note_results(found.values())  # type: ignore[arg-type]
         return ProcessOutcome(image_hash, found, {"total": _ms_since(started)})
 
     async def process(self, upload: bytes, request: ProcessRequest, *, want_bytes: bool = False) -> ProcessOutcome:
@@ -387,25 +224,15 @@ class Flow:
             # Held briefly, beside the computation, so an order can keep this photo by its hash (POST /v1/keep).
             held = asyncio.create_task(self._store(upload_object(image_hash), upload, "application/octet-stream"))
             try:
-                results.update(
-                    await self._compute(upload, image_hash, request, missing, timings, want_bytes=want_bytes)
-                )
+                job = _Job(image_hash, request, missing, want_bytes, timings)
+                results.update(await self._compute(upload, job))
             finally:
                 await held
         timings["total"] = _ms_since(started)
-        self._count(results.values())
+        note_results(results.values())  # type: ignore[arg-type]  # Literal cache outcomes are str
         return ProcessOutcome(image_hash, {name: results[name] for name in request.effects}, timings)
 
-    async def _compute(
-        self,
-        upload: bytes,
-        image_hash: str,
-        request: ProcessRequest,
-        names: list[str],
-        timings: dict[str, float],
-        *,
-        want_bytes: bool,
-    ) -> dict[str, EffectResult]:
+    async def _compute(self, upload: bytes, job: _Job) -> dict[str, EffectResult]:
         try:
             try:
                 clock = time.perf_counter()
@@ -416,42 +243,33 @@ class Flow:
                         codecs.load,
                         upload,
                         self.settings.max_pixels,
-                        request.max_size,
+                        job.request.max_size,
                         self.engine.device,
                         self.engine.upload_guarded,
-                        request.background.needs_mask,
+                        job.request.background.needs_mask,
                     )
                     channels, height, width = loaded.image.shape
                     span.set_attribute("cutout.pixels", int(height * width))
                     span.set_attribute("cutout.decoder", loaded.decoder)
-                timings["decode"] = _ms_since(clock)
+                job.timings["decode"] = _ms_since(clock)
                 needed = self.engine.working_bytes(
-                    height, width, channels, request.max_size, mask=request.background.needs_mask
+                    height, width, channels, job.request.max_size, mask=job.request.background.needs_mask
                 )
                 # Handed over in a list the callee empties, so no frame keeps the upload alive
                 # once the background step has made the output-size image from it.
                 handoff = [loaded.image]
                 del loaded
                 async with self.memory.reserve(needed):
-                    return await self._compute_on_device(handoff, image_hash, request, names, timings, want_bytes)
+                    return await self._compute_on_device(handoff, job)
             except BaseExceptionGroup as group:
                 raise _first_error(group) from None
-        except OutOfMemory as exc:
-            raise GpuOutOfMemory(str(exc), retry_after=5) from exc
-        except torch.OutOfMemoryError as exc:  # a step no guard covers: still answered, still freed
+        except torch.OutOfMemoryError:  # a step no guard covers: freed here, answered like the guarded ones
             release_device_memory()
-            raise GpuOutOfMemory("the GPU ran out of memory; retry shortly", retry_after=5) from exc
+            raise
 
-    async def _compute_on_device(
-        self,
-        handoff: list[torch.Tensor],
-        image_hash: str,
-        request: ProcessRequest,
-        names: list[str],
-        timings: dict[str, float],
-        want_bytes: bool,
-    ) -> dict[str, EffectResult]:
+    async def _compute_on_device(self, handoff: list[torch.Tensor], job: _Job) -> dict[str, EffectResult]:
         engine = self.engine
+        image_hash, request, timings = job.image_hash, job.request, job.timings
         image = handoff.pop()
         clock = time.perf_counter()
         mask = None
@@ -500,7 +318,7 @@ class Flow:
                 size=len(data),
                 # Kept when the answer carries them (the bytes route, or a data: URL for a result
                 # the store could not keep); otherwise let go at once, not at the request's end.
-                data=data if want_bytes or outcome == "bypass" else None,
+                data=data if job.want_bytes or outcome == "bypass" else None,
             )
 
         finishing: dict[str, asyncio.Task[EffectResult]] = {}
@@ -508,7 +326,7 @@ class Flow:
             if mask_write is not None:
                 group.create_task(self._store(*mask_write, "image/png"))
             # One effect at a time on the one working set; its encode and store overlap the next.
-            for name in names:
+            for name in job.names:
                 effect = EFFECTS[name]
                 clock = time.perf_counter()
                 with stage("effect", effect=name, kind=effect.kind):
@@ -538,7 +356,7 @@ class Flow:
 
         model_id = self.engine.model_id(CUTOUT)
         if model_id is None:
-            raise ModelUnavailable(f"{CUTOUT} has no weights", retry_after=60)
+            raise ModelMissing(f"{CUTOUT} has no weights")
         name = mask_object(image_hash, model_id)
         try:
             stored = await asyncio.to_thread(self.store.get, name)
@@ -546,17 +364,14 @@ class Flow:
             self._store_failed("mask lookup", name, exc)
             stored = None
         if stored is not None:
-            quantised = await asyncio.to_thread(_decode_mask, stored)
+            quantised = await asyncio.to_thread(masks.decode_mask, stored)
             if quantised is not None:
                 mask = dequantise_mask(quantised.to(self.engine.device))
                 return mask, None
         model_input = await run_thread(self.engine.prepare_mask_input, image)
-        try:
-            mask = await self.engine.mask(model_input)
-        except ModelMissing as exc:
-            raise ModelUnavailable(str(exc), retry_after=60) from exc
+        mask = await self.engine.mask(model_input)
         del model_input
-        data = await run_thread(_encode_mask, quantise_mask(mask))
+        data = await run_thread(masks.encode_mask, quantise_mask(mask))
         return mask, (name, data)
 
     async def _store(
@@ -573,12 +388,6 @@ class Flow:
         # The cache is an optimisation: its failure is logged and counted, never answered.
         self.store_errors += 1
         log.warning("result store %s failed for %s: %s: %s", action, name, exc.__class__.__name__, exc)
-
-    def _count(self, results: Any) -> None:
-        results = list(results)
-        for result in results:
-            self.cache_counts[result.cache] += 1
-        note_results(results)
 
 
 async def run_thread(function: Callable[..., T], *args: Any) -> T:
@@ -613,7 +422,7 @@ async def run_thread(function: Callable[..., T], *args: Any) -> T:
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error a failed task group is answered with: the first one the service means to answer."""
+    """The error a failed task group is answered with: the first one the error map answers (a bug else)."""
     leaves: list[BaseException] = []
     pending: list[BaseException] = [group]
     while pending:
@@ -622,31 +431,11 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             pending[:0] = list(error.exceptions)
         else:
             leaves.append(error)
-    for kind in (CutoutError, OutOfMemory, torch.OutOfMemoryError):
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
-    return leaves[0]
+    answered = [leaf for leaf in leaves if answer_for(leaf) is not None]
+    # A client's mistake explains the failure better than the engine's (memory, models) it caused.
+    answered.sort(key=lambda leaf: not isinstance(leaf, CutoutError))
+    return answered[0] if answered else leaves[0]
 
 
 def _ms_since(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 2)
-
-
-def _encode_mask(quantised: torch.Tensor) -> bytes:
-    """A (1, 1, S, S) uint16 mask → 16-bit greyscale PNG (lossless)."""
-    array = quantised.reshape(quantised.shape[-2], quantised.shape[-1]).cpu().numpy().astype(np.uint16)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
-
-
-def _decode_mask(data: bytes) -> torch.Tensor | None:
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            array = np.asarray(image).astype(np.int32)
-    except (OSError, ValueError):
-        return None
-    if array.ndim != 2:
-        return None
-    return torch.from_numpy(array).view(1, 1, *array.shape)

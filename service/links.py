@@ -10,19 +10,14 @@ it; nothing built from it is stored. The GCS store answers CDN links and ignores
 from __future__ import annotations
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from cache.store import reset_link_base, set_link_base
+from service.middleware import HttpMiddleware
 
 
-class LinkBaseMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class LinkBaseMiddleware(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         token = set_link_base(str(Request(scope).base_url))
         try:
             await self.app(scope, receive, send)

@@ -29,6 +29,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import telemetry
+from service.middleware import HttpMiddleware
 from service.telemetry import ColdStart, RequestRecord
 
 if TYPE_CHECKING:
@@ -118,18 +119,15 @@ def configure_logging(settings: Settings) -> None:
         logging.getLogger(name).propagate = True
 
 
-class AccessLogMiddleware:
+class AccessLogMiddleware(HttpMiddleware):
     """Opens the request record, times the upload (`guard` span), logs one line, feeds metrics."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics, cold_start: ColdStart) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
         self.cold_start = cold_start
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         record = RequestRecord(method=scope["method"], path=scope["path"])
         record.cold_start = self.cold_start.claim(record.path)
         record.trace_id = trace.get_current_span().get_span_context().trace_id

@@ -59,7 +59,7 @@ from slowapi.errors import RateLimitExceeded
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import RateLimited, error_response
+from service.errors import RateLimited, error_answer
 from service.settings import Settings
 
 log = logging.getLogger("cutout.ratelimit")
@@ -146,7 +146,7 @@ class RateLimits:
             raise RateLimited(
                 f"too many requests from this client: the limit for {family} routes is "
                 f"{self.limits[family]}; retry in {retry_after} s",
-                retry_after=retry_after,
+                reset_in_s=retry_after,
             ) from exc
 
     def _retry_after(self, request: Request) -> int:
@@ -177,7 +177,6 @@ class RateLimitMiddleware:
         except RateLimited as exc:
             if self.on_limited is not None:
                 self.on_limited(family)
-            response = error_response(exc.status_code, exc.code, exc.detail, exc.retry_after)
-            await response(scope, receive, send)
+            await error_answer(exc)(scope, receive, send)
             return
         await self.app(scope, receive, send)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import UploadTooLarge, error_response
+from service.errors import UploadTooLarge, error_answer
+from service.middleware import HttpMiddleware
 
 # Room for the multipart envelope and the small form fields around the photo itself.
 FORM_OVERHEAD_BYTES = 64 * 1024
@@ -19,16 +20,16 @@ def too_large_detail(limit: int) -> str:
     return f"the upload is larger than {limit} bytes ({limit / 1_048_576:.0f} MiB); send a smaller photo"
 
 
-class UploadLimitMiddleware:
+class UploadLimitMiddleware(HttpMiddleware):
     def __init__(self, app: ASGIApp, max_upload_bytes: int) -> None:
-        self.app = app
+        super().__init__(app)
         self.max_upload_bytes = max_upload_bytes
         self.max_body_bytes = max_upload_bytes + FORM_OVERHEAD_BYTES
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
+    def applies(self, scope: Scope) -> bool:
+        return scope["method"] in ("POST", "PUT", "PATCH")
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
@@ -36,8 +37,8 @@ class UploadLimitMiddleware:
                 except ValueError:
                     announced = 0
                 if announced > self.max_body_bytes:
-                    response = error_response(413, UploadTooLarge.code, too_large_detail(self.max_upload_bytes))
-                    await response(scope, receive, send)
+                    refusal = UploadTooLarge(too_large_detail(self.max_upload_bytes))
+                    await error_answer(refusal)(scope, receive, send)
                     return
         received = 0
 

@@ -35,8 +35,8 @@ from google.auth import exceptions as auth_exceptions
 from google.auth import jwt
 from google.oauth2 import id_token
 
-from service.errors import Forbidden, ServiceUnavailable, Unauthorized
-from service.routes.meta import effect_states, readiness
+from service.errors import Forbidden, SigningKeysUnavailable, Unauthorized
+from service.readiness import effect_states, readiness
 from service.settings import Settings
 
 log = logging.getLogger("cutout.warmup")
@@ -163,7 +163,7 @@ class WarmupAuth:
             )
         except auth_exceptions.TransportError as exc:
             log.error("could not fetch Google's token-signing keys from %s: %s", self.certs_url, exc)
-            raise ServiceUnavailable("cannot check OIDC tokens right now; retry shortly", retry_after=30) from exc
+            raise SigningKeysUnavailable("cannot check OIDC tokens right now; retry shortly") from exc
         except ValueError as exc:  # google-auth raises ValueError subclasses for every bad token
             raise Forbidden(f"the OIDC token does not check out: {exc}") from exc
         # What `verify_oauth2_token` checks, which cannot be pointed at another certs URL.

@@ -467,6 +467,7 @@ def test_out_of_memory_at_every_step_answers_503_and_frees_the_device(
 ) -> None:
     import dataclasses
 
+    import cache.masks as masks_module
     import effects.engine as engine_module
     import service.flow as flow_module
     from effects import EFFECTS
@@ -499,7 +500,7 @@ def test_out_of_memory_at_every_step_answers_503_and_frees_the_device(
             fields = {"background": "none"}  # no mask: the first tensor to leave the device is the result
             fault.setattr(torch.Tensor, "cpu", out_of_memory)
         else:
-            fault.setattr(flow_module, "_encode_mask", out_of_memory)
+            fault.setattr(masks_module, "encode_mask", out_of_memory)
         answer = model_app.post(
             "/v1/effects/popart", data=fields, files={"image": ("p.jpg", upload, "image/jpeg")}, headers=ORIGIN
         )

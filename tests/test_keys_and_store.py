@@ -13,7 +13,7 @@ import pytest
 from cache.keys import Recipe, image_sha256, mask_object, result_object
 from cache.store import LocalStore
 from effects import EFFECTS
-from service.flow import parse_params
+from service.forms import parse_params
 
 BASE = Recipe(
     image_sha256="a" * 64,

@@ -33,11 +33,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Query, Request, UploadFile
 from fastapi.responses import Response
 
-from cache.store import IMMUTABLE_CACHE_CONTROL
 from service.deps import FlowDep, SettingsDep
 from service.errors import InvalidParameter, UnknownEffect
-from service.flow import EffectResult, Flow, ProcessOutcome, parse_request
-from service.routes.process import read_upload
+from service.flow import Flow, ProcessOutcome
+from service.forms import parse_request, read_upload
+from service.routes import image_response
 from service.settings import Settings
 
 log = logging.getLogger("cutout.compat")
@@ -127,18 +127,6 @@ async def _process(flow: Flow, settings: Settings, file: UploadFile, effects: st
     return await flow.process(upload, process_request, want_bytes=True)
 
 
-def _image_response(result: EffectResult, extra: dict[str, str]) -> Response:
-    headers = {
-        "X-Cache": result.cache.upper(),
-        "ETag": f'"{result.key}"',
-        "Cache-Control": IMMUTABLE_CACHE_CONTROL,
-        **extra,
-    }
-    if result.location is not None:  # a result the store could not keep has no URL but this answer
-        headers["Content-Location"] = result.location
-    return Response(content=result.data, media_type=result.content_type, headers=headers)
-
-
 @router.post("/api/v2/process-with-effects", response_model=None)
 async def process_with_effects(
     request: Request,
@@ -183,7 +171,7 @@ async def process_with_effects(
     session = (session_id or _text(form.get("session_id")) or uuid.uuid4().hex)[:SESSION_ID_MAX]
     if not json_answer:
         old, name = pairs[0]
-        return _image_response(outcome.results[name], {"X-Effect": old})
+        return image_response(outcome.results[name], {"X-Effect": old})
     encoded = await asyncio.to_thread(_encode_all, outcome, pairs, fmt)
     hits = sum(1 for result in outcome.results.values() if result.cache == "hit")
     processing_time = {stage: round(ms / 1000.0, 4) for stage, ms in outcome.timings_ms.items()}
@@ -272,4 +260,4 @@ async def remove_background(
     _note_ignored("remove-background", request, form, REMOVE_QUERY, REMOVE_FORM)
     fmt = _format(output_format or format, "webp")
     outcome = await _process(flow, settings, file, "cutout", fmt)
-    return _image_response(outcome.results["cutout"], {})
+    return image_response(outcome.results["cutout"])

@@ -9,15 +9,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from effects import EFFECTS
-from effects.engine import CUTOUT, Engine
+from effects.engine import CUTOUT
 from service.deps import EngineDep
+from service.errors import NotReady, error_answer
+from service.readiness import readiness
 
 router = APIRouter(tags=["service"])
-
-
-def effect_states(engine: Engine) -> dict[str, str]:
-    """Each effect's state now: ready, loading (retry shortly), missing or failed (unavailable)."""
-    return {name: engine.effect_state(effect) for name, effect in EFFECTS.items()}
 
 
 @router.get("/v1/effects")
@@ -45,18 +42,6 @@ async def health(engine: EngineDep) -> dict[str, Any]:
     return {"status": "ok", "uptime_s": round(time.monotonic() - engine.created_at, 3)}
 
 
-def readiness(engine: Engine) -> dict[str, Any]:
-    """What /ready and an unauthenticated /warmup answer: the stages of the start and each effect's state."""
-    return {
-        "ready": engine.ready,
-        "all_models_ready": engine.all_ready,
-        "uptime_s": round(time.monotonic() - engine.created_at, 3),
-        "startup": engine.describe_startup(),
-        "effects": effect_states(engine),
-        "models": engine.describe_models(),
-    }
-
-
 @router.get("/ready", response_model=None)
 async def ready(engine: EngineDep) -> dict[str, Any] | JSONResponse:
     """The startup probe: 200 once the cutout model is warm (the cutout and classic effects can serve),
@@ -66,8 +51,4 @@ async def ready(engine: EngineDep) -> dict[str, Any] | JSONResponse:
     if engine.ready:
         return {"status": "ready", "cold_start_s": engine.cutout_ready_seconds, **body}
     cutout = engine.states[CUTOUT]
-    return JSONResponse(
-        {"detail": f"not ready: cutout ({cutout.status}: {cutout.detail})", "code": "not_ready", **body},
-        status_code=503,
-        headers={"Retry-After": "5"},
-    )
+    return error_answer(NotReady(f"not ready: cutout ({cutout.status}: {cutout.detail})"), extra=body)

@@ -4,43 +4,38 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.metrics import Metrics
-from service.settings import Settings
+from service.deps import EngineDep, MetricsDep, SettingsDep, WarmupAuthDep, WarmupDep
 from service.telemetry import current_request
-from service.warmup import Warmup, WarmupAuth, wake_answer
+from service.warmup import wake_answer
 
 router = APIRouter(tags=["operations"])
 
-
-async def require_warmup_credential(
-    request: Request,
-    x_warmup_token: Annotated[str | None, Header(description="The shared warm-up token.")] = None,
-    authorization: Annotated[str | None, Header(description="Bearer <Google-signed OIDC token>.")] = None,
-) -> None:
-    auth: WarmupAuth = request.app.state.warmup_auth
-    await auth.check(x_warmup_token, authorization)
+TokenHeader = Annotated[str | None, Header(description="The shared warm-up token.")]
+BearerHeader = Annotated[str | None, Header(description="Bearer <Google-signed OIDC token>.")]
 
 
 async def metrics_access(
-    request: Request,
+    auth: WarmupAuthDep,
+    settings: SettingsDep,
     x_warmup_token: Annotated[str | None, Header(include_in_schema=False)] = None,
     authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> None:
     """Open in development; elsewhere the figures are for operators, with the warm-up credential."""
-    settings: Settings = request.app.state.settings
     if settings.environment != "development":
-        await require_warmup_credential(request, x_warmup_token, authorization)
+        await auth.check(x_warmup_token, authorization)
 
 
 @router.post("/warmup")
 async def warmup(
-    request: Request,
-    x_warmup_token: Annotated[str | None, Header(description="The shared warm-up token.")] = None,
-    authorization: Annotated[str | None, Header(description="Bearer <Google-signed OIDC token>.")] = None,
+    engine: EngineDep,
+    runner: WarmupDep,
+    auth: WarmupAuthDep,
+    x_warmup_token: TokenHeader = None,
+    authorization: BearerHeader = None,
 ) -> dict[str, Any]:
     """Keep an instance warm.
 
@@ -53,15 +48,13 @@ async def warmup(
     record = current_request()
     cold_start = record.cold_start if record is not None else False
     if x_warmup_token is None and authorization is None:
-        return wake_answer(request.app.state.engine, cold_start)
-    await require_warmup_credential(request, x_warmup_token, authorization)
-    runner: Warmup = request.app.state.warmup
+        return wake_answer(engine, cold_start)
+    await auth.check(x_warmup_token, authorization)
     report = await runner.run(cold_start=cold_start)
     return report.describe()
 
 
 @router.get("/metrics", response_class=Response, dependencies=[Depends(metrics_access)])
-async def metrics(request: Request) -> Response:
+async def metrics(figures: MetricsDep) -> Response:
     """Cache outcomes, stage latency, GPU memory and GPU-seconds per image, in Prometheus text."""
-    figures: Metrics = request.app.state.metrics
     return Response(figures.prometheus_text(), media_type=CONTENT_TYPE_LATEST)

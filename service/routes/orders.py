@@ -38,14 +38,13 @@ from service.deps import SettingsDep, StoreDep
 from service.errors import (
     ImageNotCached,
     InvalidParameter,
-    MalformedRequest,
+    NotKept,
     ResultNotFound,
-    ServiceUnavailable,
+    StoreUnavailable,
     UnsupportedImage,
 )
-from service.flow import parse_image_sha256
+from service.forms import parse_image_sha256, read_upload, reject_unknown_fields
 from service.imaging import SUPPORTED, sniff_format
-from service.routes.process import read_upload
 
 router = APIRouter(tags=["orders"])
 
@@ -73,12 +72,7 @@ class Picture:
 
 
 async def keep_fields(request: Request) -> None:
-    form = await request.form()
-    unknown = sorted(set(form.keys()) - KEEP_FIELDS)
-    if unknown:
-        raise MalformedRequest(
-            f"unknown form field {', '.join(unknown)}; accepted fields: {', '.join(sorted(KEEP_FIELDS))}"
-        )
+    await reject_unknown_fields(request, KEEP_FIELDS)
 
 
 def parse_tier(tier: str) -> tuple[str, int]:
@@ -126,7 +120,7 @@ async def _read(store: ResultStore, name: str) -> bytes | None:
     try:
         return await asyncio.to_thread(store.get, name)
     except StoreError as exc:
-        raise ServiceUnavailable("the picture store is unavailable; retry shortly", retry_after=5) from exc
+        raise StoreUnavailable("the picture store is unavailable; retry shortly") from exc
 
 
 async def _keep(store: ResultStore, picture: Picture, until: dt.datetime) -> dict[str, Any]:
@@ -136,9 +130,7 @@ async def _keep(store: ResultStore, picture: Picture, until: dt.datetime) -> dic
         )
     except StoreError as exc:
         # Nothing may look kept that is not: the client is told to try again.
-        raise ServiceUnavailable(
-            "the picture store is unavailable; not kept yet, retry shortly (keeping again is safe)", retry_after=15
-        ) from exc
+        raise NotKept("the picture store is unavailable; not kept yet, retry shortly (keeping again is safe)") from exc
     return {
         "url": store.kept_url(picture.name),
         "sha256": picture.sha256,

@@ -8,11 +8,17 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response
 
-from cache.store import IMMUTABLE_CACHE_CONTROL
 from service.deps import FlowDep, SettingsDep
-from service.errors import InvalidParameter, MalformedRequest, UploadTooLarge
-from service.flow import ProcessRequest, load_params_json, parse_image_sha256, parse_request
-from service.upload import too_large_detail
+from service.errors import InvalidParameter
+from service.forms import (
+    ProcessRequest,
+    load_params_json,
+    parse_image_sha256,
+    parse_request,
+    read_upload,
+    reject_unknown_fields,
+)
+from service.routes import image_response
 
 router = APIRouter(tags=["processing"])
 
@@ -20,28 +26,12 @@ PROCESS_FIELDS = frozenset({"image", "image_sha256", "effects", "background", "f
 EFFECT_FIELDS = PROCESS_FIELDS - {"effects"}
 
 
-async def _reject_unknown_fields(request: Request, allowed: frozenset[str]) -> None:
-    form = await request.form()  # parsed once; FastAPI reuses it for the fields below
-    unknown = sorted(set(form.keys()) - allowed)
-    if unknown:
-        raise MalformedRequest(
-            f"unknown form field {', '.join(unknown)}; accepted fields: {', '.join(sorted(allowed))}"
-        )
-
-
 async def process_fields(request: Request) -> None:
-    await _reject_unknown_fields(request, PROCESS_FIELDS)
+    await reject_unknown_fields(request, PROCESS_FIELDS)
 
 
 async def effect_fields(request: Request) -> None:
-    await _reject_unknown_fields(request, EFFECT_FIELDS)
-
-
-async def read_upload(image: UploadFile, limit: int) -> bytes:
-    data = await image.read(limit + 1)
-    if len(data) > limit:
-        raise UploadTooLarge(too_large_detail(limit))
-    return data
+    await reject_unknown_fields(request, EFFECT_FIELDS)
 
 
 ImageField = Annotated[UploadFile | None, File(description="The photo: JPEG, PNG, WebP, GIF or HEIC/HEIF.")]
@@ -129,11 +119,7 @@ async def apply_effect(
     if len(request.effects) != 1:
         raise InvalidParameter("this route applies exactly one effect; use POST /v1/process for several")
     outcome = await _run(flow, settings, request, image, image_sha256, want_bytes=True)
-    result = outcome.results[request.effects[0]]
-    headers = {"X-Cache": result.cache.upper(), "ETag": f'"{result.key}"', "Cache-Control": IMMUTABLE_CACHE_CONTROL}
-    if result.location is not None:  # a result the store could not keep has no URL but this answer
-        headers["Content-Location"] = result.location
-    return Response(content=result.data, media_type=result.content_type, headers=headers)
+    return image_response(outcome.results[request.effects[0]])
 
 
 def _wrap_params(effect: str, params: str) -> str:

@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from cache.keys import result_object
 from cache.store import CONTENT_TYPES, IMMUTABLE_CACHE_CONTROL, StoreError
 from service.deps import StoreDep
-from service.errors import ResultNotFound, ServiceUnavailable
+from service.errors import ResultNotFound, StoreUnavailable
 
 router = APIRouter(tags=["results"])
 _RESULT_NAME = re.compile(r"^([0-9a-f]{64})\.(png|webp|jpeg)$")
@@ -27,7 +27,7 @@ async def result(name: str, store: StoreDep) -> Response:
     try:
         data = await asyncio.to_thread(store.get, result_object(key, extension))
     except StoreError as exc:
-        raise ServiceUnavailable("the result store is unavailable; retry shortly", retry_after=5) from exc
+        raise StoreUnavailable("the result store is unavailable; retry shortly") from exc
     if data is None:
         raise ResultNotFound(f"no stored result {name}; process the photo again with POST /v1/process")
     return Response(
