@@ -24,7 +24,7 @@ import service
 from effects.engine import EngineError
 from service.app import create_app
 from service.errors import ANSWERS, Answer, CutoutError, RateLimited
-from tests.conftest import make_settings
+from tests.support.app import make_settings
 
 ORIGIN = "https://shop.example"
 
