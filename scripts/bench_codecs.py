@@ -437,10 +437,10 @@ def _with_comment(data: bytes, counter: int) -> bytes:
 def part_request(runs: int, encode_ms: dict[str, float]) -> None:
     from fastapi.testclient import TestClient
 
-    from scripts.make_test_weights import write_inspyrenet
     from service import flow
     from service.app import create_app
     from service.settings import Settings
+    from tests.support.weights import write_inspyrenet
 
     data = jpeg(real_photo("chelsea", TWELVE_MP))
     form = {"effects": "cutout,blackwhite,dithering,popart,retro8bit", "background": "transparent", "format": "png"}

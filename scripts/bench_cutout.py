@@ -51,10 +51,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from effects.inspyrenet import flops_per_forward
 from effects.matting import estimate_foreground
-from scripts.make_test_weights import write_inspyrenet
 from service import codecs
+from tests.support.budget import flops_per_forward
+from tests.support.weights import write_inspyrenet
 
 ROOT = Path(__file__).resolve().parent.parent
 # NVIDIA L4 datasheet: 242 TFLOPS fp16 tensor core with structured sparsity, 121 TFLOPS dense.

@@ -1,6 +1,6 @@
 """Diffusion effects through the real loading and running code, on tiny random pipelines (CPU).
 
-The pipelines are written by `scripts/diffusion_weights.py` in the serving layout and read back by
+The pipelines are written by `tests/support/weights.py` in the serving layout and read back by
 `load_pipeline` exactly as the service does; only the model sizes are tiny.
 """
 
@@ -21,18 +21,12 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from effects import aged, comic, enhance, upscale
-from effects.diffusion import (
-    DIFFUSION_EFFECTS,
-    DiffusionParams,
-    LoadedPipeline,
-    PipelineUnavailable,
-    diffusion_spec,
-    load_pipeline,
-    run_diffusion,
-    warm_pipeline,
-)
-from scripts.diffusion_weights import MANIFEST_FILE, fetch_pipelines, write_tiny_pipelines
+from effects import DIFFUSION_EFFECTS, aged, comic, diffusion_spec, enhance, upscale
+from effects.diffusion import LoadedPipeline, PipelineUnavailable, load_pipeline, run_diffusion, warm_pipeline
+from effects.diffusion_base import DiffusionParams
+from effects.inspyrenet import MANIFEST_FILE
+from effects.weights import fetch_pipelines
+from tests.support.weights import write_tiny_pipelines
 
 MODULES = {"upscale": upscale, "enhance": enhance, "comic": comic, "aged": aged}
 CPU = torch.device("cpu")

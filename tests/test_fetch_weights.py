@@ -19,12 +19,12 @@ from pathlib import Path
 import httpx
 import pytest
 
+from effects import weights as fetch_weights
 from effects.inspyrenet import MANIFEST_FILE, MODEL_DIR
-from scripts import fetch_weights
-from scripts.fetch_weights import CheckpointSource
-from scripts.make_test_weights import random_inspyrenet_state
+from effects.weights import CheckpointSource
 from tests import images
 from tests.server import ROOT, free_port, running_server
+from tests.support.weights import random_inspyrenet_state
 
 
 @pytest.fixture(scope="module")

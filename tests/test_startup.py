@@ -25,8 +25,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 import effects.engine as engine_module
+from effects import DIFFUSION_EFFECTS
 from service.app import create_app
-from service.settings import DIFFUSION_EFFECTS
 from tests.conftest import make_settings
 from tests.images import png as png_bytes
 from tests.server import ROOT, free_port
@@ -203,7 +203,7 @@ def pipelines_copy(models_dir: Path, tmp_path: Path) -> Path:
 def pipeline_class(name: str) -> Any:
     import diffusers
 
-    from effects.diffusion import diffusion_spec
+    from effects import diffusion_spec
 
     return getattr(diffusers, diffusion_spec(name).pipeline_class_name)
 

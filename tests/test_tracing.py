@@ -11,9 +11,9 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from scripts.make_test_weights import write_inspyrenet
 from service.telemetry import install_tracing
 from tests import images
+from tests.support.weights import write_inspyrenet
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 

@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from fastapi.testclient import TestClient
 from google.auth import crypt, jwt
 
-from scripts.make_test_weights import write_inspyrenet
 from service.app import create_app
 from tests.conftest import make_settings
+from tests.support.weights import write_inspyrenet
 
 TOKEN = "s3cret-warmup-token-0123456789"
 AUDIENCE = "https://cutout.example/warmup"
