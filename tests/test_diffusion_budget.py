@@ -81,7 +81,8 @@ def test_fp16_halves_everything_but_the_upscalers_fp32_vae() -> None:
 
 
 def test_a_tighter_budget_would_be_exceeded() -> None:
-    # The check can fail: the default set does not fit in 12 GB, nor beside mask batches of 32 (CUTOUT_MASK_BATCH_SIZE allows 64).
+    # The check can fail: the default set does not fit in 12 GB, nor beside mask batches of 32
+    # (CUTOUT_MASK_BATCH_SIZE allows up to 64).
     total = sum(resident_weight_bytes(DIFFUSION_EFFECTS).values())
     assert total > 12 * GB
     assert total > diffusion_weight_budget(32)
