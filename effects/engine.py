@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from effects import device_time
 from effects.background import Background, compose
 from effects.base import Effect, EffectParams
 
@@ -125,6 +126,7 @@ class _MaskJob:
     image: torch.Tensor
     future: asyncio.Future[torch.Tensor] = field(repr=False)
     span_context: trace.SpanContext = field(default=trace.INVALID_SPAN_CONTEXT, repr=False)
+    meter: device_time.DeviceMeter | None = field(default=None, repr=False)  # charged its share of the batch
 
 
 def resolve_device(name: str) -> torch.device:
@@ -514,7 +516,7 @@ class Engine:
         return tensor.contiguous()
 
     def prepare_mask_input(self, image: torch.Tensor) -> torch.Tensor:
-        with device_memory_guard("preparing the mask input"):
+        with device_memory_guard("preparing the mask input"), device_time.metered(self.device):
             return self._require_cutout().prepare(image[:3])
 
     def render_background(
@@ -528,7 +530,11 @@ class Engine:
         on its own either way, so the pixels are the same as resizing all four at once.
         """
         height, width = output_size(image.shape[1], image.shape[2], max_size)
-        with device_memory_guard("compositing the background"), torch.inference_mode():
+        with (
+            device_memory_guard("compositing the background"),
+            device_time.metered(self.device),
+            torch.inference_mode(),
+        ):
             pixels = torch.empty((1, image.shape[0], height, width), dtype=torch.float32, device=image.device)
             if (height, width) == (image.shape[1], image.shape[2]):
                 pixels[0].copy_(image).div_(255.0)  # already the output size: converted in place
@@ -549,18 +555,18 @@ class Engine:
     def apply_classic(self, effect: Effect, image: torch.Tensor, params: EffectParams, seed: int) -> torch.Tensor:
         if effect.apply is None:
             raise ValueError(f"{effect.name} is not a classic effect")
-        with device_memory_guard(f"running {effect.name}"), torch.inference_mode():
+        with device_memory_guard(f"running {effect.name}"), device_time.metered(self.device), torch.inference_mode():
             return effect.apply(image, params, seed)
 
     def download(self, image: torch.Tensor) -> np.ndarray:
         """(1, 4, h, w) float on the device → (h, w, 4) uint8 on the host: the one download."""
-        with device_memory_guard("downloading the result"), torch.inference_mode():
+        with device_memory_guard("downloading the result"), device_time.metered(self.device), torch.inference_mode():
             quantised = image[0].clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)  # one float copy
             return np.ascontiguousarray(quantised.permute(1, 2, 0).cpu().numpy())
 
     def upload_guarded(self, pixels: np.ndarray) -> torch.Tensor:
         """`upload`, with the device running out of memory answered as `OutOfMemory`."""
-        with device_memory_guard("uploading the photo"):
+        with device_memory_guard("uploading the photo"), device_time.metered(self.device):
             return self.upload(pixels)
 
     def working_bytes(self, height: int, width: int, channels: int, max_size: int, *, mask: bool) -> int:
@@ -609,7 +615,8 @@ class Engine:
         """
         self._require_cutout()
         future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
-        await self._mask_queue.put(_MaskJob(model_input, future, trace.get_current_span().get_span_context()))
+        job = _MaskJob(model_input, future, trace.get_current_span().get_span_context(), device_time.current())
+        await self._mask_queue.put(job)
         return await future
 
     async def _mask_worker(self) -> None:
@@ -647,16 +654,27 @@ class Engine:
                     },
                 ) as span:
                     try:
-                        results = await loop.run_in_executor(self._gpu, self._forward_split, [j.image for j in group])
+                        results, work = await loop.run_in_executor(
+                            self._gpu, self._timed_forward, [j.image for j in group]
+                        )
                     except Exception as exc:
                         span.set_status(trace.Status(trace.StatusCode.ERROR, exc.__class__.__name__))
                         for job in group:
                             if not job.future.done():
                                 job.future.set_exception(exc)
                         continue
+                    work.charge([job.meter for job in group])  # one equal share per image
+                    if work.known_seconds is not None:
+                        span.set_attribute("cutout.device_seconds", work.known_seconds)
                     for job, result in zip(group, results, strict=True):
                         if not job.future.done():
                             job.future.set_result(result)
+
+    def _timed_forward(self, images: list[torch.Tensor]) -> tuple[list[torch.Tensor], device_time.DeviceWork]:
+        """A batch on the GPU thread, with its device time (not the time it queued for the thread)."""
+        with device_time.DeviceWork(self.device) as work:
+            results = self._forward_split(images)
+        return results, work
 
     def _forward_split(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run a batch; on out-of-memory free what we can and retry it in halves."""
@@ -697,9 +715,10 @@ class Engine:
         if not isinstance(params, DiffusionParams):
             raise TypeError(f"{effect.name} expects diffusion parameters, got {type(params).__name__}")
         spec = diffusion_spec(effect.name)
+        meter = device_time.current()  # the job runs on the diffusion thread, outside the request's context
 
         def job() -> torch.Tensor:
-            with device_memory_guard(f"running {effect.name}"):
+            with device_memory_guard(f"running {effect.name}"), device_time.metered(self.device, meter):
                 source = image
                 height, width = spec.output_size(image.shape[-2], image.shape[-1])
                 if max(height, width) > max_size:

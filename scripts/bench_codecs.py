@@ -34,7 +34,6 @@ import asyncio
 import hashlib
 import io
 import logging
-import os
 import statistics
 import sys
 import tempfile
@@ -56,7 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from effects import blackwhite, dithering, popart, retro8bit
 from effects.engine import output_size
+from scripts.measure import load_average, samples_ms, table
 from service import codecs, imaging
+from tests.support import photos
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry")
 TWELVE_MP = (4032, 3024)  # width, height: a 12 MP phone photo
@@ -67,49 +68,8 @@ L4_MASK_FLOOR_MS = 12.9
 L4_GOAL_MS = 300.0
 
 
-def load_average() -> str:
-    return f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
-
-
-def timed(call: Callable[[], object], runs: int) -> list[float]:
-    call()
-    samples = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - started) * 1000.0)
-    return samples
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    print(f"\n{title}   ({load_average()})")
-    print("  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True)))
-    print("  ".join("-" * width for width in widths))
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
-
-
 def stats(samples: list[float]) -> tuple[float, float]:
     return min(samples), statistics.median(samples)
-
-
-def real_photo(name: str, size: tuple[int, int], noise: float = 3.0, seed: int = 0) -> np.ndarray:
-    """A scikit-image sample photo enlarged (bicubic) to `size`, with sensor-like noise."""
-    from skimage import data as samples
-
-    picture = getattr(samples, name)()
-    if picture.ndim == 2:
-        picture = np.repeat(picture[:, :, None], 3, axis=2)
-    enlarged = np.asarray(Image.fromarray(picture[:, :, :3]).resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
-    noisy = enlarged + np.random.default_rng(seed).normal(0.0, noise, enlarged.shape)
-    return np.clip(noisy, 0, 255).astype(np.uint8)
-
-
-def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 def host_upload(pixels: np.ndarray) -> torch.Tensor:
@@ -145,11 +105,11 @@ def quantise(image: torch.Tensor) -> np.ndarray:
 
 
 def part_decode(runs: int) -> None:
-    data = jpeg(real_photo("chelsea", TWELVE_MP))
+    data = photos.encode(photos.real_photo(*TWELVE_MP, "chelsea"), "JPEG", quality=90)
     rows = []
     for max_size, needs_mask in ((2048, True), (1024, True), (1024, False)):
-        old = timed(lambda m=max_size: old_working(data, m), runs)
-        new = timed(lambda m=max_size, k=needs_mask: new_working(data, m, k), runs)
+        old = samples_ms(lambda m=max_size: old_working(data, m), runs)
+        new = samples_ms(lambda m=max_size, k=needs_mask: new_working(data, m, k), runs)
         decoder = codecs.decode(data, BIG, max_size, codecs.MASK_INPUT_SIDE if needs_mask else 0).decoder
         shrunk = max_size == 2048 or not needs_mask
         new_name = f"new: {decoder} + " + ("8-bit resize" if shrunk else "float resize (mask needs 1024 px)")
@@ -167,11 +127,11 @@ def part_decode(runs: int) -> None:
     )
     rows = []
     width, height = TWELVE_MP
-    pillow = timed(lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), runs)
+    pillow = samples_ms(lambda: np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), runs)
     rows.append(["Pillow, full size, to NumPy", f"{width} x {height}", *(f"{v:.0f}" for v in stats(pillow))])
     for numerator, denominator in ((1, 1), (7, 8), (5, 8), (1, 2), (1, 4), (1, 8)):
         w, h = -(-width * numerator // denominator), -(-height * numerator // denominator)
-        samples = timed(lambda w=w, h=h: simplejpeg.decode_jpeg(data, "RGB", min_width=w, min_height=h), runs)
+        samples = samples_ms(lambda w=w, h=h: simplejpeg.decode_jpeg(data, "RGB", min_width=w, min_height=h), runs)
         shape = simplejpeg.decode_jpeg(data, "RGB", min_width=w, min_height=h).shape
         rows.append(
             [
@@ -191,7 +151,7 @@ def part_tolerance() -> None:
     rows = []
     worst: dict[int, tuple[int, float]] = {}
     for index, name in enumerate(PHOTOS):
-        data = jpeg(real_photo(name, TWELVE_MP, seed=index))
+        data = photos.encode(photos.real_photo(*TWELVE_MP, name, seed=index), "JPEG", quality=90)
         for max_size in (2048, 1024, 512):
             old = quantise(old_working(data, max_size))
             new = quantise(new_working(data, max_size, needs_mask=max_size == 2048))
@@ -213,7 +173,7 @@ def part_tolerance() -> None:
 def five_results() -> list[np.ndarray]:
     """The cutout of a real photo (soft elliptical matte) and the four classic effects of it, 8-bit RGBA."""
     width, height = RESULT
-    rgb = real_photo("chelsea", RESULT)
+    rgb = photos.real_photo(*RESULT)
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     alpha = np.clip(
         (1 - ((xx - width / 2) / (width * 0.36)) ** 2 - ((yy - height / 2) / (height * 0.44)) ** 2) * 30, 0, 1
@@ -309,7 +269,7 @@ def part_encode(runs: int) -> dict[str, float]:
     today_concurrent: list[float] = []
     with ThreadPoolExecutor(max_workers=len(results)) as threads:
         # Today's flow: every result encoded in its own worker thread as its effect finished.
-        today_concurrent = timed(lambda: list(threads.map(candidates["Pillow zlib-ng 3 (today)"], results)), runs)
+        today_concurrent = samples_ms(lambda: list(threads.map(candidates["Pillow zlib-ng 3 (today)"], results)), runs)
     for name, encode in candidates.items():
         encoded = [encode(pixels) for pixels in results]
         identical = all(
@@ -317,9 +277,9 @@ def part_encode(runs: int) -> dict[str, float]:
             for data, pixels in zip(encoded, results, strict=True)
         )
         size = sum(map(len, encoded))
-        sequential = timed(lambda e=encode: [e(pixels) for pixels in results], runs)
+        sequential = samples_ms(lambda e=encode: [e(pixels) for pixels in results], runs)
         pool = codecs.encode_pool()
-        pooled = timed(lambda e=encode, q=pool: [f.result() for f in [q.submit(e, p) for p in results]], runs)
+        pooled = samples_ms(lambda e=encode, q=pool: [f.result() for f in [q.submit(e, p) for p in results]], runs)
         measured[name] = statistics.median(sequential) / len(results)
         for how, samples in (("one after another", sequential), (f"pool of {cores}", pooled)):
             low, median = stats(samples)
@@ -384,7 +344,7 @@ def part_formats(runs: int) -> None:
             i.save(buffer, "WEBP", quality=90, method=m)
             return buffer.getvalue()
 
-        low, median = stats(timed(webp, runs))
+        low, median = stats(samples_ms(webp, runs))
         used = " (new)" if method == codecs.WEBP_METHOD else " (before)" if method == 4 else ""
         encoded = webp()
         rows.append(
@@ -398,7 +358,7 @@ def part_formats(runs: int) -> None:
         )
     opaque = pixels.copy()
     opaque[:, :, 3] = 255
-    low, median = stats(timed(lambda: codecs.encode(opaque, "jpeg"), runs))
+    low, median = stats(samples_ms(lambda: codecs.encode(opaque, "jpeg"), runs))
     rows.append(
         [
             "JPEG quality 92 4:4:4 (libjpeg-turbo)",
@@ -442,7 +402,7 @@ def part_request(runs: int, encode_ms: dict[str, float]) -> None:
     from service.settings import Settings
     from tests.support.weights import write_inspyrenet
 
-    data = jpeg(real_photo("chelsea", TWELVE_MP))
+    data = photos.encode(photos.real_photo(*TWELVE_MP, "chelsea"), "JPEG", quality=90)
     form = {"effects": "cutout,blackwhite,dithering,popart,retro8bit", "background": "transparent", "format": "png"}
     with tempfile.TemporaryDirectory(prefix="bench-codecs-") as scratch:
         workdir = Path(scratch)

@@ -32,15 +32,12 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,11 +49,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from effects.matting import estimate_foreground
+from scripts.measure import samples_ms, table
 from service import codecs
+from tests.support import photos
 from tests.support.budget import flops_per_forward
+from tests.support.photos import visible_error
+from tests.support.server import Server, running_server
 from tests.support.weights import write_inspyrenet
 
-ROOT = Path(__file__).resolve().parent.parent
 # NVIDIA L4 datasheet: 242 TFLOPS fp16 tensor core with structured sparsity, 121 TFLOPS dense.
 L4_FP16_DENSE_FLOPS = 121e12
 L4_NAME = "NVIDIA L4 fp16 tensor core, dense"
@@ -64,83 +64,8 @@ TWELVE_MP = (3000, 4000)  # height, width
 
 
 def median_time(run: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    print(f"\n{title}   (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    print("  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True)))
-    print("  ".join("-" * width for width in widths))
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
-
-
-# ---------------------------------------------------------------------------------------------- photos
-
-
-def _blur(plane: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma))
-    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
-    taps = taps / taps.sum()
-    x = F.conv2d(F.pad(plane[None, None], (radius, radius, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), taps.view(1, 1, -1, 1))[0, 0]
-
-
-def photo_composite(height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A photo-like composite with known answer: (1, 3, H, W) image, (1, 1, H, W) alpha, (3, H, W) foreground.
-
-    A textured subject with a soft (σ = 2 px) outline and a few hundred 1-2 px hair strands,
-    over a textured, checkered background: soft pixels only along the edges, as in a photo.
-    """
-    g = torch.Generator().manual_seed(seed)
-    y = torch.linspace(0.0, 1.0, height).view(-1, 1).expand(height, width)
-    x = torch.linspace(0.0, 1.0, width).view(1, -1).expand(height, width)
-    phase = torch.rand(3, 2, generator=g) * 6.28
-    foreground = torch.stack(
-        [0.6 + 0.25 * torch.sin(3 * 6.28 * x + phase[c, 0]) * torch.cos(2 * 6.28 * y + phase[c, 1]) for c in range(3)]
-    ).clamp(0, 1)
-    checks = ((x * 24).floor() + (y * 18).floor()) % 2
-    background = (
-        torch.stack(
-            [
-                0.4 + 0.3 * torch.sin(5 * 6.28 * x + phase[c, 1]) * torch.cos(4 * 6.28 * y + phase[c, 0])
-                for c in range(3)
-            ]
-        )
-        + 0.15 * checks
-    ).clamp(0, 1)
-    body = ((((x - 0.5) / 0.28) ** 2 + ((y - 0.58) / 0.36) ** 2) < 1).float()
-    strands = torch.zeros(height, width)
-    rows = torch.linspace(0.12, 0.4, 3 * height)
-    for _ in range(300):
-        x0, amplitude, frequency, opacity = torch.rand(4, generator=g).tolist()
-        columns = 0.25 + 0.5 * x0 + 0.04 * amplitude * torch.sin((2 + 4 * frequency) * 6.28 * rows)
-        strands[(rows * height).long().clamp(0, height - 1), (columns * width).long().clamp(0, width - 1)] = (
-            0.4 + 0.5 * opacity
-        )
-    alpha = torch.maximum(_blur(body, 2.0), (_blur(strands, 0.8) * 2.5).clamp(0, 1))
-    image = ((alpha * foreground + (1 - alpha) * background) * 255).round() / 255
-    return image[None].contiguous(), alpha[None, None].contiguous(), foreground
-
-
-def photo_jpeg(height: int, width: int, seed: int) -> bytes:
-    image, _, _ = photo_composite(height, width, seed)
-    pixels = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def visible_error(estimate: torch.Tensor, truth: torch.Tensor, alpha: torch.Tensor) -> float:
-    soft = (alpha > 0.004) & (alpha < 0.996)
-    weighted = alpha * (estimate - truth).abs().mean(dim=0)
-    return float(weighted[soft].sum() / alpha[soft].sum())
+    """Median seconds of `repeats` calls, the first one included."""
+    return statistics.median(samples_ms(run, repeats, warmups=0)) / 1000.0
 
 
 # ---------------------------------------------------------------------------------------------- parts
@@ -150,7 +75,7 @@ def part_foreground(repeats: int) -> None:
     from pymatting import estimate_foreground_ml
 
     height, width = TWELVE_MP
-    image, alpha, truth = photo_composite(height, width, seed=7)
+    image, alpha, truth = photos.composite(height, width, seed=7)
     worst = torch.rand(1, 1, height, width, generator=torch.Generator().manual_seed(1))
     # Remover hands pymatting the photo as float64 / 255 and its mask as float32.
     image_np = image[0].permute(1, 2, 0).double().numpy()
@@ -197,65 +122,6 @@ def part_flops() -> None:
     )
 
 
-@dataclass
-class Service:
-    url: str
-    process: subprocess.Popen[bytes]
-    ready_after_s: float
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@contextmanager
-def running_service(models_dir: Path, workdir: Path, *, timeout_s: float = 900.0) -> Iterator[Service]:
-    """`python -m service` on 127.0.0.1 with only the cutout model; yields once /ready answers 200."""
-    import httpx
-
-    port = free_port()
-    env = {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "CUTOUT_DEVICE": "cpu",
-        "CUTOUT_MODELS_DIR": str(models_dir),
-        "CUTOUT_CACHE_DIR": str(workdir / "cache"),
-        "CUTOUT_DIFFUSION_EFFECTS": "",
-        "CUTOUT_RATE_LIMIT_PROCESS": "100000/minute",
-        "CUTOUT_RATE_LIMIT_READ": "100000/minute",
-        "CUTOUT_PUBLIC_URL": f"http://127.0.0.1:{port}",
-    }
-    log = (workdir / f"service-{port}.log").open("wb")
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = started + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the service exited with {process.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=2.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() > deadline:
-                raise RuntimeError(f"/ready not 200 after {timeout_s:.0f} s; see {log.name}")
-            time.sleep(0.05)
-        yield Service(url, process, time.perf_counter() - started)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
 def part_cold_start(workdir: Path, repeats: int) -> None:
     models_dir = workdir / "models-base"
     pth = workdir / "ckpt_base.pth"
@@ -268,7 +134,9 @@ def part_cold_start(workdir: Path, repeats: int) -> None:
     env = {**os.environ, "TRANSPARENT_BACKGROUND_FILE_PATH": str(workdir), "NO_ALBUMENTATIONS_UPDATE": "1"}
     ours, reference = [], []
     for _ in range(repeats):
-        with running_service(models_dir, workdir) as service:
+        env = {"CUTOUT_MODELS_DIR": str(models_dir)}
+        with running_server(workdir, env, wait_for="/ready", timeout_s=900) as service:
+            assert service.ready_after_s is not None
             ours.append(service.ready_after_s)
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", reference_code], env=env, check=True, capture_output=True)
@@ -288,11 +156,11 @@ def part_cold_start(workdir: Path, repeats: int) -> None:
     )
 
 
-def part_end_to_end(service: Service, workdir: Path, pth: Path, repeats: int) -> None:
+def part_end_to_end(service: Server, workdir: Path, pth: Path, repeats: int) -> None:
     import httpx
 
     height, width = TWELVE_MP
-    photos = [photo_jpeg(height, width, seed=100 + i) for i in range(repeats + 1)]
+    uploads = [photos.composite_jpeg(height, width, seed=100 + i) for i in range(repeats + 1)]
     os.environ["TRANSPARENT_BACKGROUND_FILE_PATH"] = str(workdir)
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
     from transparent_background import Remover
@@ -316,10 +184,10 @@ def part_end_to_end(service: Service, workdir: Path, pth: Path, repeats: int) ->
         response.raise_for_status()
         return response.content
 
-    reference(photos[0])  # warm: pymatting compiled, buffers allocated
-    ours(photos[0])
+    reference(uploads[0])  # warm: pymatting compiled, buffers allocated
+    ours(uploads[0])
     reference_times, our_times = [], []
-    for data in photos[1:]:  # a new photo each time: no mask or result cache hits
+    for data in uploads[1:]:  # a new photo each time: no mask or result cache hits
         started = time.perf_counter()
         reference_bytes = reference(data)
         reference_times.append(time.perf_counter() - started)
@@ -358,7 +226,7 @@ def part_stages(workdir: Path, pth: Path, safetensors: Path) -> None:
     from effects.inspyrenet import load_cutout_model
 
     height, width = TWELVE_MP
-    data = photo_jpeg(height, width, seed=200)
+    data = photos.composite_jpeg(height, width, seed=200)
     os.environ["TRANSPARENT_BACKGROUND_FILE_PATH"] = str(workdir)
     os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
     from transparent_background import Remover
@@ -432,7 +300,7 @@ def part_stages(workdir: Path, pth: Path, safetensors: Path) -> None:
         table(f"{title}: {who}", ["stage", "ms"], rows)
 
 
-def part_throughput(service: Service, clients: list[int], requests_per_client: int, size: tuple[int, int]) -> None:
+def part_throughput(service: Server, clients: list[int], requests_per_client: int, size: tuple[int, int]) -> None:
     import httpx
 
     height, width = size
@@ -440,8 +308,8 @@ def part_throughput(service: Service, clients: list[int], requests_per_client: i
     seed = 10_000
 
     async def level(count: int, first_seed: int) -> float:
-        photos = [
-            [photo_jpeg(height, width, first_seed + c * 1000 + r) for r in range(requests_per_client)]
+        uploads = [
+            [photos.composite_jpeg(height, width, first_seed + c * 1000 + r) for r in range(requests_per_client)]
             for c in range(count)
         ]
         async with httpx.AsyncClient(base_url=service.url, timeout=1200.0) as client:
@@ -456,7 +324,7 @@ def part_throughput(service: Service, clients: list[int], requests_per_client: i
                     response.raise_for_status()
 
             started = time.perf_counter()
-            await asyncio.gather(*(one_client(mine) for mine in photos))
+            await asyncio.gather(*(one_client(mine) for mine in uploads))
             return time.perf_counter() - started
 
     for count in clients:
@@ -501,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
             if "stages" in parts:
                 part_stages(workdir, pth, safetensors)
         if parts & {"e2e", "throughput"}:
-            with running_service(models_dir, workdir) as service:
+            env = {"CUTOUT_MODELS_DIR": str(models_dir)}
+            with running_server(workdir, env, wait_for="/ready", timeout_s=900) as service:
                 if "e2e" in parts:
                     part_end_to_end(service, workdir, pth, args.repeats)
                 if "throughput" in parts:

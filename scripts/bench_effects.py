@@ -55,8 +55,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from effects import blackwhite, dithering, popart, retro8bit
 from effects.base import Effect
-from scripts.effects_gallery import synthetic_pet
+from scripts.measure import samples_ms
 from service import codecs
+from tests.support.photos import synthetic_pet
 
 EFFECTS: tuple[Effect, ...] = (blackwhite.EFFECT, dithering.EFFECT, popart.EFFECT, retro8bit.EFFECT)
 EFFECT_TARGET_MS = 100.0
@@ -98,17 +99,6 @@ def peak_extra_mb(call: Callable[[], object], interval_s: float = 0.001) -> floa
         sampler.join()
     del result
     return float(peak - baseline) / MB
-
-
-def timings_ms(call: Callable[[], object], runs: int) -> list[float]:
-    for _ in range(2):
-        call()
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - start) * 1000.0)
-    return samples
 
 
 def p90(samples: list[float]) -> float:
@@ -176,7 +166,7 @@ def main() -> None:
         def run(apply: Callable[[torch.Tensor, object, int], torch.Tensor] = apply, params: object = params) -> object:
             return apply(cutout, params, 7)
 
-        samples = timings_ms(run, args.runs)
+        samples = samples_ms(run, args.runs, warmups=2)
         memory = max(peak_extra_mb(run) for _ in range(3))
         median = statistics.median(samples)
         ratios = (median / EFFECT_TARGET_MS, memory / EFFECT_TARGET_MB)
@@ -232,7 +222,7 @@ def main() -> None:
         ("whole request, concurrent as the service was", concurrent_request),
         ("whole request, new codecs (service.codecs)", new_codecs_request),
     ):
-        samples = timings_ms(request, request_runs)
+        samples = samples_ms(request, request_runs, warmups=2)
         memory = peak_extra_mb(request)
         median = statistics.median(samples)
         rows.append((name, median, p90(samples), min(samples), memory, median / REQUEST_TARGET_MS, None))

@@ -32,7 +32,6 @@ import asyncio
 import ctypes
 import ctypes.util
 import gc
-import io
 import os
 import sys
 import tempfile
@@ -42,10 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,6 +53,7 @@ from effects.engine import CUTOUT, Engine, output_size
 from service import imaging
 from service.flow import Flow, ProcessRequest, parse_request
 from service.settings import Settings
+from tests.support import photos
 from tests.support.weights import write_inspyrenet
 
 CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
@@ -109,18 +107,9 @@ def measure(call: Callable[[], object], device: torch.device) -> tuple[int, floa
 
 
 def photo_jpeg(megapixels: float) -> bytes:
-    """A photo-like JPEG of about `megapixels` (4:3): smooth gradients, shapes and sensor noise."""
+    """A photo-like 4:3 JPEG of about `megapixels`."""
     height = int((megapixels * 1e6 * 3 / 4) ** 0.5)
-    width = height * 4 // 3
-    rng = np.random.default_rng(3)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack([x / width, y / height, 1 - x / width], axis=2) * 180 + 40
-    subject = ((x - width / 2) ** 2 / (width / 4) ** 2 + (y - height / 2) ** 2 / (height / 3) ** 2) < 1
-    base[subject] = base[subject] * 0.5 + np.array([120, 90, 60])
-    pixels = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
+    return photos.jpeg(height * 4 // 3, height, seed=3, quality=90)
 
 
 # ------------------------------------------------------------------------ before

@@ -22,27 +22,24 @@ Every figure is this machine's (CPU, float32) unless labelled an L4 estimate.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from effects import DIFFUSION_EFFECTS  # noqa: E402
-from tests.server import free_port  # noqa: E402
+from scripts.measure import table  # noqa: E402
+from tests.support import photos  # noqa: E402
+from tests.support.server import running_server  # noqa: E402
 from tests.support.weights import write_inspyrenet, write_tiny_pipelines  # noqa: E402
 
 # L4 estimate assumptions (see docs/capacity.md, "Cold start"): throughput of reading weights from the
@@ -53,69 +50,17 @@ L4_H2D_GBPS = 6.0
 L4_WARM_S = {"cutout": 1.0, "upscale": 3.0, "enhance": 3.0, "comic": 2.0, "aged": 2.0}
 
 
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    print(f"\n{title}   (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
-    print("  ".join(cell.ljust(width) for cell, width in zip(header, widths, strict=True)))
-    print("  ".join("-" * width for width in widths))
-    for row in rows:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
-
-
-def photo_png() -> bytes:
-    rng = np.random.default_rng(7)
-    pixels = rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)
-    pixels[120:360, 200:440] = (200, 150, 90)  # a subject-sized block
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@contextmanager
-def service(models_dir: Path, workdir: Path, diffusion: bool) -> Iterator[tuple[str, subprocess.Popen[bytes], float]]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "CUTOUT_MODELS_DIR": str(models_dir),
-        "CUTOUT_CACHE_DIR": str(workdir / f"cache-{port}"),
-        "CUTOUT_DEVICE": "cpu",
-        "CUTOUT_DIFFUSION_EFFECTS": ",".join(DIFFUSION_EFFECTS) if diffusion else "",
-        "CUTOUT_RATE_LIMIT_PROCESS": "100000/minute",
-        "CUTOUT_RATE_LIMIT_READ": "100000/minute",
-        "CUTOUT_PUBLIC_URL": f"http://127.0.0.1:{port}",
-    }
-    log = (workdir / f"service-{port}.log").open("wb")
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
-    try:
-        yield f"http://127.0.0.1:{port}", process, started
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
-
 def first_cutout(models_dir: Path, workdir: Path, photo: bytes, diffusion: bool) -> dict[str, Any]:
     """Process start → the first cutout answered; then (with diffusion) every model settled."""
-    with service(models_dir, workdir, diffusion) as (url, process, started):
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the service exited with {process.returncode}")
-            try:
-                if httpx.get(f"{url}/ready", timeout=5.0).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.perf_counter() - started > 600:
-                raise RuntimeError("/ready not 200 after 600 s")
-            time.sleep(0.05)
-        ready_s = time.perf_counter() - started
+    env = {
+        "CUTOUT_MODELS_DIR": str(models_dir),
+        # An empty cache: the first cutout is computed, never found.
+        "CUTOUT_CACHE_DIR": tempfile.mkdtemp(prefix="cache-", dir=workdir),
+        "CUTOUT_DIFFUSION_EFFECTS": ",".join(DIFFUSION_EFFECTS) if diffusion else "",
+    }
+    with running_server(workdir, env, wait_for="/ready", timeout_s=600) as server:
+        assert server.ready_after_s is not None
+        url, started = server.url, server.started
         answer = httpx.post(
             f"{url}/v1/process",
             files={"image": ("pet.png", photo, "image/png")},
@@ -132,7 +77,13 @@ def first_cutout(models_dir: Path, workdir: Path, photo: bytes, diffusion: bool)
                 break
             time.sleep(0.2)
         all_s = time.perf_counter() - started
-    return {"ready_s": ready_s, "first_s": first_s, "before_engine_s": before_engine_s, "all_s": all_s, "body": body}
+    return {
+        "ready_s": server.ready_after_s,
+        "first_s": first_s,
+        "before_engine_s": before_engine_s,
+        "all_s": all_s,
+        "body": body,
+    }
 
 
 def reference(pth: Path, size: str, workdir: Path, photo: bytes) -> float:
@@ -178,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             write_inspyrenet(models_dir, args.size, seed=0, pth=pth)
         if not (models_dir / "upscale" / "model.json").exists():
             write_tiny_pipelines(models_dir)
-        photo = photo_png()
+        photo = photos.png(640, 480, seed=7)
 
         plain: list[dict[str, Any]] = []
         staged: list[dict[str, Any]] = []

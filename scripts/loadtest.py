@@ -7,8 +7,8 @@ Loopback only: `--url` must resolve to 127.0.0.0/8 or ::1, anything else is refu
 bounded by `--requests` and by `--duration-s` (no request starts after it; those in flight get
 the request timeout), then it stops by itself.
 
-`--spawn` starts a `make run`-style server (`python -m service`, local result store, the CPU or
-GPU it finds) on a free loopback port with random InSPyReNet test weights at the fast size
+`--spawn` starts a `make run`-style server (`python -m service` by tests/support/server.py, local
+result store, the CPU or GPU it finds) on a free loopback port with random InSPyReNet test weights at the fast size
 (written by scripts/make_test_weights.py into `--models-dir`, or a temporary folder), waits for
 `/ready`, and stops it with SIGTERM at the end (reporting how long it took to drain and exit).
 Its rate limits are raised (`CUTOUT_RATE_LIMIT_*=100000/minute`), as a load test sends every
@@ -45,33 +45,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
 import ipaddress
 import json
-import os
 import random
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
 import psutil
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from tests.support import photos  # noqa: E402
+from tests.support.server import running_server  # noqa: E402
 
 KINDS = ("hit", "miss", "fresh", "model")
 DEFAULT_MIX = "hit=0.5,miss=0.3,fresh=0.15,model=0.05"
@@ -84,45 +81,7 @@ HIT_RECIPES: tuple[dict[str, str], ...] = (
     {"effects": "blackwhite", "background": "none", "format": "webp"},
 )
 MODEL_HIT_RECIPE = {"effects": "cutout", "background": "transparent", "format": "png"}
-MB = 1024 * 1024
-
-
-# ------------------------------------------------------------------------ photos
-
-
-def photo(width: int, height: int, seed: int, noise: float = 2.0) -> np.ndarray:
-    """A colourful (H, W, 3) uint8 scene with a bright subject; `noise` (in grey levels) sets how
-    well it compresses, so the size of a JPEG can be dialled in."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    red = 0.5 + 0.5 * np.sin(x / width * 3.0 + seed)
-    green = 0.5 + 0.5 * np.cos(y / height * 2.5 + seed * 0.3)
-    blue = 0.5 + 0.4 * np.sin((x + y) / (width + height) * 4.0)
-    image = np.stack([red, green, blue], axis=2) * 255.0
-    cx, cy = width * (0.4 + 0.2 * rng.random()), height * (0.45 + 0.2 * rng.random())
-    blob = np.exp(-(((x - cx) / (width * 0.2)) ** 2 + ((y - cy) / (height * 0.25)) ** 2))
-    image = image * (1 - blob[..., None]) + np.array([230.0, 180.0, 100.0]) * blob[..., None]
-    image += rng.normal(0.0, noise, image.shape)
-    clipped: np.ndarray = np.clip(image, 0, 255).astype(np.uint8)
-    return clipped
-
-
-def jpeg(array: np.ndarray, quality: int = 90) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def big_jpeg(megabytes: float, seed: int = 7) -> bytes:
-    """A 2000 x 1500 JPEG of at least `megabytes` MiB (a phone photo's order of size)."""
-    target = int(megabytes * MB)
-    data = b""
-    for noise in (8.0, 12.0, 16.0, 24.0, 32.0):
-        for quality in (85, 90, 95):
-            data = jpeg(photo(2000, 1500, seed, noise=noise), quality)
-            if len(data) >= target:
-                return data
-    return data
+MB = photos.MB
 
 
 # ------------------------------------------------------------------------ the plan
@@ -176,14 +135,18 @@ def plan(count: int, mix: dict[str, float], big: bytes, seed: int) -> list[Plann
                 "background": "none",
                 "format": rng.choice(FORMATS),
             }
-            planned.append(Planned(kind, route, fields, jpeg(photo(width, height, 10_000 + seed * 10_000 + index))))
+            planned.append(
+                Planned(kind, route, fields, photos.jpeg(width, height, 10_000 + seed * 10_000 + index, quality=90))
+            )
         else:  # model
             fields = {"effects": rng.choice(("cutout", "popart", "retro8bit")), "background": "white", "format": "png"}
             if route == "process":
                 fields["background"] = rng.choice(("transparent", "white"))
                 if fields["effects"] == "cutout" and fields["background"] == "white":
                     fields["format"] = "jpeg"
-            planned.append(Planned(kind, route, fields, jpeg(photo(480, 360, 50_000 + seed * 10_000 + index))))
+            planned.append(
+                Planned(kind, route, fields, photos.jpeg(480, 360, 50_000 + seed * 10_000 + index, quality=90))
+            )
     return planned
 
 
@@ -364,36 +327,6 @@ def listening_pid(port: int) -> int | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Spawned:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    cache_dir: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stop(self, timeout_s: float = 30.0) -> tuple[int, float]:
-        """SIGTERM, then wait; returns (exit code, seconds from the signal to the exit)."""
-        started = time.monotonic()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        return self.process.returncode, time.monotonic() - started
-
-
 def ensure_test_weights(models_dir: Path) -> None:
     if (models_dir / "inspyrenet-swinb" / "model.json").is_file():
         return
@@ -401,61 +334,6 @@ def ensure_test_weights(models_dir: Path) -> None:
 
     print(f"writing random InSPyReNet test weights (fast size) to {models_dir} ...", flush=True)
     write_inspyrenet(models_dir, "fast", seed=0)
-
-
-@contextlib.contextmanager
-def spawn_server(
-    models_dir: Path,
-    workdir: Path,
-    env: dict[str, str] | None = None,
-    *,
-    wait_ready: bool = True,
-    timeout_s: float = 240.0,
-) -> Iterator[Spawned]:
-    """`python -m service` on a free loopback port, as `make run` starts it, stopped on exit."""
-    port = free_port()
-    cache_dir = workdir / "cache"
-    environment = {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "CUTOUT_MODELS_DIR": str(models_dir),
-        "CUTOUT_CACHE_DIR": str(cache_dir),
-        "CUTOUT_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "CUTOUT_DIFFUSION_EFFECTS": "",
-        "CUTOUT_RATE_LIMIT_PROCESS": "100000/minute",
-        "CUTOUT_RATE_LIMIT_READ": "100000/minute",
-        **(env or {}),
-    }
-    log_path = workdir / f"server-{port}.log"
-    url = f"http://127.0.0.1:{port}"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT
-        )
-        spawned = Spawned(url, process, log_path, cache_dir)
-        try:
-            wait_for(spawned, "/ready" if wait_ready else "/health", timeout_s)
-            yield spawned
-        finally:
-            spawned.stop()
-
-
-def wait_for(spawned: Spawned, path: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if spawned.process.poll() is not None:
-            tail = spawned.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"server exited with {spawned.process.returncode}: {tail}")
-        try:
-            if httpx.get(spawned.url + path, timeout=2.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            tail = spawned.log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"server did not answer {path} with 200 in {timeout_s:.0f} s: {tail}")
-        time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------ the report
@@ -609,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         require_loopback(args.url)  # before anything else: never a request to another machine
 
     print(f"generating photos (a {args.big_mb:g} MiB JPEG, {args.requests} planned requests) ...", flush=True)
-    big = big_jpeg(args.big_mb)
+    big = photos.big_jpeg(args.big_mb)
     planned = plan(args.requests, args.mix, big, args.seed)
     # Other photos and seeds than the measured run's, so that warm-up misses stay misses there.
     warmup = plan(args.warmup, args.mix, big, args.seed + 7919) if args.warmup else []
@@ -622,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
             models_dir = args.models_dir or workdir / "models"
             ensure_test_weights(models_dir)
             print("starting the server and waiting for /ready ...", flush=True)
-            spawned = stack.enter_context(spawn_server(models_dir, workdir, server_env))
+            # The device the machine has (as `make run`), not the tests' CPU.
+            env = {"CUTOUT_MODELS_DIR": str(models_dir), "CUTOUT_DEVICE": "auto", **server_env}
+            spawned = stack.enter_context(running_server(workdir, env, wait_for="/ready"))
             url, pid = spawned.url, spawned.pid
         else:
             url = args.url.rstrip("/")

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from types import FrameType
 
 import uvicorn
@@ -18,25 +19,40 @@ from service.settings import get_settings
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, telling the app to drain the moment a stop signal arrives.
+    """uvicorn's server, draining on SIGTERM while it still listens.
 
-    uvicorn notices the signal on its next tick (up to 0.1 s later), then stops accepting
-    connections and waits up to `timeout_graceful_shutdown` for requests in flight; draining
-    first closes the gap in between, and answers `/ready` with 503 for the whole shutdown.
+    On SIGTERM the app drains at once (`Admission.drain`): `/ready` answers 503 and new
+    processing requests `503 shutting_down` with `Retry-After`. The listener stays open while
+    requests admitted before the signal run, so a request arriving meanwhile gets that answer
+    rather than a refused connection. uvicorn's own shutdown (stop listening, wait for
+    connections, cancel what still runs) starts once none is left or the grace
+    (`timeout_graceful_shutdown`, counted from the signal) is spent, with what is left of it.
     """
 
     def __init__(self, config: uvicorn.Config, admission: Admission) -> None:
         super().__init__(config)
         self.admission = admission
+        self.sigterm_at: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.admission.drain()
         if sig == signal.SIGTERM:
             # A graceful stop: uvicorn would re-raise SIGTERM once drained, so the process would
             # end "killed by SIGTERM"; a drained process has done nothing wrong and exits 0.
-            self.should_exit = True
+            if self.sigterm_at is None:
+                self.sigterm_at = time.monotonic()
             return
         super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.sigterm_at is not None and not self.should_exit:
+            grace_s = float(self.config.timeout_graceful_shutdown or 0.0)
+            left_s = grace_s - (time.monotonic() - self.sigterm_at)
+            if self.admission.in_flight == 0 or left_s <= 0:
+                # uvicorn waits `timeout_graceful_shutdown` from here: only what the drain left.
+                self.config.timeout_graceful_shutdown = max(left_s, 0.0)  # type: ignore[assignment]
+                self.should_exit = True
+        return await super().on_tick(counter)
 
 
 EXIT_BAD_SETTING = 1

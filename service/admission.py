@@ -27,9 +27,10 @@ Draining
 --------
 On SIGTERM (`service.__main__`) the instance starts draining: `/ready` answers 503, new
 processing requests get `503 shutting_down` with `Retry-After` and `Connection: close`, and
-requests already admitted run to their end; uvicorn stops accepting connections and waits for
-them up to `CUTOUT_SHUTDOWN_GRACE_S`, then the lifespan flushes telemetry in what is left of
-Cloud Run's 10 s before SIGKILL. A request still running when the grace ends is cancelled by
+requests already admitted run to their end. The instance keeps listening (so new requests get
+that answer, not a refused connection) until they have, or `CUTOUT_SHUTDOWN_GRACE_S` has passed;
+then uvicorn stops, and the lifespan flushes telemetry in what is left of Cloud Run's 10 s
+before SIGKILL. A request still running when the grace ends is cancelled by
 uvicorn; it is answered `503 shutting_down` (retry elsewhere) rather than uvicorn's bare 500.
 """
 

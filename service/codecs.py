@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from effects import device_time
 from effects.engine import output_size
 from effects.inspyrenet import MODEL_SIZES
 from service import imaging
@@ -167,7 +168,8 @@ def load(
             width, height = header.size
             if width * height <= max_pixels:
                 try:
-                    return Loaded(_nvjpeg(data, device, _orientation(header)), "JPEG", "nvjpeg")
+                    with device_time.metered(device):  # decoding on the GPU is the request's device work
+                        return Loaded(_nvjpeg(data, device, _orientation(header)), "JPEG", "nvjpeg")
                 except Exception as exc:  # any decoder failure: the CPU path decides
                     log.info("GPU JPEG decode failed, decoding on the CPU: %s: %s", exc.__class__.__name__, exc)
     decoded = decode(data, max_pixels, max_size, min_side)

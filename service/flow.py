@@ -457,13 +457,13 @@ class Flow:
         mask = None
         mask_write: tuple[str, bytes] | None = None
         if request.background.needs_mask:
-            with stage("mask") as span:  # GPU time comes from its share of the mask batch
+            with stage("mask") as span:
                 mask, mask_write = await self._mask(image_hash, image)
                 span.set_attribute("cutout.cache", "hit" if mask_write is None else "miss")
         timings["mask"] = _ms_since(clock)
 
         clock = time.perf_counter()
-        with stage("background", gpu=True, background=request.background.canonical()):
+        with stage("background", background=request.background.canonical()):
             base = await run_thread(engine.render_background, image, mask, request.background, request.max_size)
         del image, mask
         timings["background"] = _ms_since(clock)
@@ -511,7 +511,7 @@ class Flow:
             for name in names:
                 effect = EFFECTS[name]
                 clock = time.perf_counter()
-                with stage("effect", gpu=True, effect=name, kind=effect.kind):
+                with stage("effect", effect=name, kind=effect.kind):
                     rendered = await self._apply(effect, base, request)
                     host = await run_thread(engine.download, rendered)
                 del rendered

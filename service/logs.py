@@ -148,7 +148,6 @@ class AccessLogMiddleware:
         finally:
             if guard is not None:
                 guard.finish()
-            record.gpu_seconds += telemetry.GPU_SHARES.take(record.trace_id)
             self._log(record, status)
             self.metrics.observe_request(record)
             telemetry.end_request(token)
@@ -210,4 +209,4 @@ class _UploadGuard:
         if not ok:
             span.set_status(Status(StatusCode.ERROR, "upload not read to its end"))
         span.end()
-        self._record.add_stage("guard", time.perf_counter() - self._started, gpu=False)
+        self._record.add_stage("guard", time.perf_counter() - self._started)

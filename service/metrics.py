@@ -70,9 +70,15 @@ DEFINITIONS = {
         MetricDef("rate_limited", "counter", "int", "1", "Requests refused with 429, by route family."),
         MetricDef("stage_latency_ms", "distribution", "distribution", "ms", "Time spent in each stage of a request."),
         MetricDef(
-            "gpu_seconds_per_image", "distribution", "distribution", "s", "GPU-bound seconds per computed image."
+            "gpu_seconds_per_image",
+            "distribution",
+            "distribution",
+            "s",
+            "Device seconds of the work done for each computed image (GPU time, waits excluded).",
         ),
-        MetricDef("cost_per_image_usd", "distribution", "distribution", "USD", "GPU-seconds x the L4 instance price."),
+        MetricDef(
+            "cost_per_image_usd", "distribution", "distribution", "USD", "Device seconds x the L4 instance price."
+        ),
         MetricDef("cold_start_seconds", "gauge", "double", "s", "Process start to every model loaded and warm."),
         MetricDef("gpu_memory_bytes", "gauge", "int", "By", "CUDA memory held by tensors: allocated now, and peak."),
         MetricDef("export_failures", "counter", "int", "1", "Metric writes to Cloud Monitoring that failed."),

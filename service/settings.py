@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     warmup_token: str = ""
     warmup_audience: str = ""
     warmup_service_account: str = ""
-    warmup_certs_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    warmup_certs_url: str = "https://www.googleapis.com/oauth2/v1/certs"
     trace_export: Literal["none", "cloud_trace"] = "none"
     metrics_export: Literal["none", "cloud_monitoring"] = "none"
     # Cloud Monitoring accepts one point per series every 5 s at most.

@@ -13,11 +13,13 @@ request in a context variable; `stage()` adds each stage's time to it and the fl
 result's cache outcome, so the single log line and the metrics of a request come from one place
 without threading anything through the routes.
 
-GPU-seconds of a request: the wall time of its GPU-bound stages (`background` and every
-`effect`, both tensor work on the engine's device) plus its share of each mask batch it rode in:
-a batch's wall time divided by the batch size. Mask batches run on the engine's worker, outside
-any request, so the engine's "mask batch" span links to every request it served and
-`GpuShares` (a span processor) hands each linked trace its share.
+GPU-seconds of a request: the device time of the work done for it (`effects.device_time`): its
+upload, mask input, background, effects, download and diffusion runs, plus an equal share of each
+mask batch it rode in, timed with CUDA events on the GPU (the thread's CPU time on the CPU). Time
+spent waiting (admission, the memory budget, a mask batch filling, the GPU or diffusion thread busy
+with other work) is not device time, and neither is wall time inflated by other requests' work
+running alongside. The record binds its `DeviceMeter` for the request's context; the engine charges
+it from its worker threads. The "mask batch" span links to every request it served.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -37,13 +38,13 @@ from opentelemetry.baggage.propagation import W3CBaggagePropagator
 from opentelemetry.propagators.cloud_trace_propagator import CloudTraceFormatPropagator
 from opentelemetry.propagators.composite import CompositePropagator
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from effects.engine import MASK_BATCH_SPAN
+from effects import device_time
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -68,13 +69,16 @@ class RequestRecord:
     trace_id: int = 0
     upload_bytes: int = 0
     stages: list[tuple[str, float]] = field(default_factory=list)
-    gpu_seconds: float = 0.0
+    device: device_time.DeviceMeter = field(default_factory=device_time.DeviceMeter)
     cache: dict[str, str] = field(default_factory=dict)
 
-    def add_stage(self, name: str, seconds: float, *, gpu: bool) -> None:
+    def add_stage(self, name: str, seconds: float) -> None:
         self.stages.append((name, seconds))
-        if gpu:
-            self.gpu_seconds += seconds
+
+    @property
+    def gpu_seconds(self) -> float:
+        """Device seconds of the work done for this request (read once its work has ended)."""
+        return self.device.seconds
 
     def stages_ms(self) -> dict[str, float]:
         """Milliseconds per stage name, summed (one request may run `effect` several times)."""
@@ -90,14 +94,16 @@ class RequestRecord:
 
 
 _current: ContextVar[RequestRecord | None] = ContextVar("cutout_request", default=None)
+RequestTokens = tuple[Token[RequestRecord | None], Token[device_time.DeviceMeter | None]]
 
 
-def begin_request(record: RequestRecord) -> Token[RequestRecord | None]:
-    return _current.set(record)
+def begin_request(record: RequestRecord) -> RequestTokens:
+    return _current.set(record), device_time.bind(record.device)
 
 
-def end_request(token: Token[RequestRecord | None]) -> None:
-    _current.reset(token)
+def end_request(tokens: RequestTokens) -> None:
+    device_time.unbind(tokens[1])
+    _current.reset(tokens[0])
 
 
 def current_request() -> RequestRecord | None:
@@ -118,11 +124,11 @@ def note_results(results: Iterable[_Result]) -> None:
 
 
 @contextmanager
-def stage(name: str, *, gpu: bool = False, **attributes: AttributeValue) -> Iterator[trace.Span]:
-    """A span for one step of the request flow, timed into the current request record.
+def stage(name: str, **attributes: AttributeValue) -> Iterator[trace.Span]:
+    """A span for one step of the request flow, its wall time added to the current request record.
 
-    Attributes are recorded as `cutout.<name>`; `gpu=True` marks tensor work on the engine's
-    device, which counts towards the request's GPU-seconds.
+    Attributes are recorded as `cutout.<name>`. GPU-seconds are not taken from stages (their wall
+    time includes waits): the engine meters its device work itself.
     """
     started = time.perf_counter()
     with _tracer.start_as_current_span(name, attributes={f"cutout.{k}": v for k, v in attributes.items()}) as span:
@@ -131,7 +137,7 @@ def stage(name: str, *, gpu: bool = False, **attributes: AttributeValue) -> Iter
         finally:
             record = _current.get()
             if record is not None:
-                record.add_stage(name, time.perf_counter() - started, gpu=gpu)
+                record.add_stage(name, time.perf_counter() - started)
 
 
 class ColdStart:
@@ -155,38 +161,6 @@ class ColdStart:
             return True
 
 
-# ------------------------------------------------------------------------ GPU shares
-
-
-class GpuShares(SpanProcessor):  # type: ignore[misc]
-    """Splits each mask batch's wall time equally among the request traces it links to."""
-
-    def __init__(self, max_pending: int = 4096) -> None:
-        self._pending: OrderedDict[int, float] = OrderedDict()
-        self._max_pending = max_pending
-        self._lock = threading.Lock()
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if span.name != MASK_BATCH_SPAN or span.start_time is None or span.end_time is None:
-            return
-        traces = [link.context.trace_id for link in span.links if link.context.is_valid]
-        if not traces:
-            return
-        size = span.attributes.get("cutout.batch_size") if span.attributes else None
-        share = (span.end_time - span.start_time) / 1e9 / (size if isinstance(size, int) and size > 0 else len(traces))
-        with self._lock:
-            for trace_id in traces:
-                self._pending[trace_id] = self._pending.get(trace_id, 0.0) + share
-                self._pending.move_to_end(trace_id)
-            while len(self._pending) > self._max_pending:  # shares nobody collected (warm-ups)
-                self._pending.popitem(last=False)
-
-    def take(self, trace_id: int) -> float:
-        with self._lock:
-            return self._pending.pop(trace_id, 0.0)
-
-
-GPU_SHARES = GpuShares()
 _install_lock = threading.Lock()
 
 
@@ -197,7 +171,6 @@ def install_tracing() -> TracerProvider:
         if isinstance(current, TracerProvider):
             return current
         provider = TracerProvider(resource=Resource.create({"service.name": "cutout"}), sampler=ParentBased(ALWAYS_ON))
-        provider.add_span_processor(GPU_SHARES)
         trace.set_tracer_provider(provider)
         # Extraction runs left to right and the last header found wins: Google's own
         # X-Cloud-Trace-Context (Cloud Run and the load balancer set it) decides the trace.

@@ -4,9 +4,10 @@ Credentials, either of:
 - `X-Warmup-Token: <CUTOUT_WARMUP_TOKEN>` (the shared secret, mounted from Secret Manager),
   compared in constant time;
 - `Authorization: Bearer <OIDC ID token>` as Cloud Scheduler sends it: signed by Google (keys
-  from `CUTOUT_WARMUP_CERTS_URL`, a JWKS or a `{kid: PEM certificate}` map, cached), issued by
-  accounts.google.com, for the audience `CUTOUT_WARMUP_AUDIENCE`, with the verified `email` of
-  `CUTOUT_WARMUP_SERVICE_ACCOUNT`.
+  from `CUTOUT_WARMUP_CERTS_URL`, Google's `{kid: PEM certificate}` map, kept for its
+  Cache-Control max-age), issued by accounts.google.com, for the audience
+  `CUTOUT_WARMUP_AUDIENCE`, with the verified `email` of `CUTOUT_WARMUP_SERVICE_ACCOUNT`;
+  checked by google-auth's `google.oauth2.id_token.verify_token`.
 
 No credential: a browser waking the service (the storefront posts `/warmup` on page load). The
 request has done its job by arriving (Cloud Run starts an instance for it); it is answered with
@@ -20,15 +21,19 @@ so a burst of calls (Scheduler retries, two schedulers) costs one forward per mo
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import json
 import logging
-import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import google.auth.transport
+from google.auth import exceptions as auth_exceptions
+from google.auth import jwt
+from google.oauth2 import id_token
 
 from service.errors import Forbidden, ServiceUnavailable, Unauthorized
 from service.routes.meta import effect_states, readiness
@@ -37,76 +42,86 @@ from service.settings import Settings
 log = logging.getLogger("cutout.warmup")
 
 GOOGLE_ISSUERS = frozenset({"accounts.google.com", "https://accounts.google.com"})
-CERTS_TTL_S = 3600.0  # Google rotates its signing keys over days and serves them with a long max-age
-CERTS_REFRESH_GAP_S = 60.0  # an unknown key id refetches at most this often (bogus tokens cannot flood Google)
 CLOCK_SKEW_S = 30
-_MAX_AGE = re.compile(r"max-age=(\d+)")
+CERTS_TIMEOUT_S = 10.0
 
 
-class GoogleCerts:
-    """Google's token-signing public keys, fetched from the certs URL and cached."""
+class CertsTransport(google.auth.transport.Request):  # type: ignore[misc]
+    """google-auth's requests transport over a CacheControl session, for the certs URL.
 
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self._keys: dict[str, str] = {}
-        self._fetched_at = -float("inf")
-        self._ttl_s = CERTS_TTL_S
+    `google.oauth2.id_token` fetches the certificates on every verification and leaves caching to
+    the transport; its module docs name CacheControl for it. The session keeps Google's answer for
+    its Cache-Control max-age (counted from its Date), revalidates it once stale, and never keeps a
+    `no-store` one, so Cloud Scheduler's calls cost no fetch while the keys are fresh. An answer
+    that is not a `{kid: PEM certificate}` map (what `verify_token` reads without PyJWT) is refused
+    as a transport error, like an unreachable URL: the caller cannot check tokens right now.
+    """
+
+    def __init__(self) -> None:
+        self._inner: google.auth.transport.Request | None = None  # made on first use: `requests` loads then
+        self._cache: Any = None
         self._lock = threading.Lock()
 
-    def keys(self, key_id: str | None) -> dict[str, str]:
-        """`{kid: PEM}`; refetched when stale, or when a token names a key we do not have."""
+    def _transport(self) -> google.auth.transport.Request:
         with self._lock:
-            age = time.monotonic() - self._fetched_at
-            unknown = key_id is not None and key_id not in self._keys
-            if age > self._ttl_s or (unknown and age > CERTS_REFRESH_GAP_S):
-                self._keys, self._ttl_s = fetch_keys(self.url)
-                self._fetched_at = time.monotonic()
-            return dict(self._keys)
+            if self._inner is None:
+                import cachecontrol
+                import google.auth.transport.requests
+                import requests
+                from cachecontrol.cache import DictCache
+
+                self._cache = DictCache()
+                session = cachecontrol.CacheControl(requests.Session(), cache=self._cache)
+                self._inner = google.auth.transport.requests.Request(session=session)
+            return self._inner
+
+    def forget(self, url: str) -> None:
+        """Drop a kept answer (one that turned out unreadable), so the next check fetches again."""
+        from cachecontrol.controller import CacheController
+
+        if self._cache is not None:
+            self._cache.delete(CacheController.cache_url(url))
+
+    def __call__(
+        self,
+        url: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        **kwargs: Any,
+    ) -> google.auth.transport.Response:
+        response = self._transport()(
+            url, method=method, body=body, headers=headers, timeout=timeout or CERTS_TIMEOUT_S, **kwargs
+        )
+        if response.status == 200:
+            try:
+                _check_certs(url, response.data)
+            except auth_exceptions.TransportError:
+                self.forget(url)
+                raise
+        return response  # another status: id_token answers it with a TransportError
 
 
-def fetch_keys(url: str) -> tuple[dict[str, str], float]:
-    import google.auth.transport.requests
-
-    response = google.auth.transport.requests.Request()(url, method="GET", timeout=10)
-    if response.status != 200:
-        raise OSError(f"{url} answered {response.status}")
-    document = json.loads(response.data)
-    match = _MAX_AGE.search(response.headers.get("cache-control", ""))
-    ttl = min(float(match.group(1)), CERTS_TTL_S) if match else CERTS_TTL_S
-    return parse_keys(document), ttl
-
-
-def parse_keys(document: Any) -> dict[str, str]:
-    """A JWKS (`{"keys": [...]}`, RSA keys) or a `{kid: PEM}` map → `{kid: PEM}`."""
-    if isinstance(document, dict) and isinstance(document.get("keys"), list):
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
-
-        keys: dict[str, str] = {}
-        for jwk in document["keys"]:
-            if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or "kid" not in jwk:
-                continue
-            numbers = RSAPublicNumbers(_b64_int(jwk["e"]), _b64_int(jwk["n"]))
-            pem = numbers.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            keys[str(jwk["kid"])] = pem.decode("ascii")
-        return keys
-    if isinstance(document, dict) and all(isinstance(v, str) for v in document.values()):
-        return {str(k): v for k, v in document.items()}
-    raise ValueError("the certs URL answered neither a JWKS nor a {kid: PEM} map")
-
-
-def _b64_int(text: str) -> int:
-    return int.from_bytes(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)), "big")
+def _check_certs(url: str, data: bytes) -> None:
+    try:
+        document = json.loads(data)
+    except ValueError as exc:
+        raise auth_exceptions.TransportError(f"{url} answered something other than JSON") from exc
+    if not isinstance(document, dict) or not document or not all(isinstance(v, str) for v in document.values()):
+        raise auth_exceptions.TransportError(
+            f"{url} answered no {{kid: PEM certificate}} map; use Google's v1 certs URL "
+            "(https://www.googleapis.com/oauth2/v1/certs), not the JWKS one"
+        )
 
 
 class WarmupAuth:
-    def __init__(self, settings: Settings, certs: GoogleCerts | None = None) -> None:
+    def __init__(self, settings: Settings, certs: CertsTransport | None = None) -> None:
         self.token = settings.warmup_token
         self.audience = settings.warmup_audience
         self.service_account = settings.warmup_service_account
-        self.certs = certs or GoogleCerts(settings.warmup_certs_url)
+        self.certs_url = settings.warmup_certs_url
+        self.certs = certs or CertsTransport()
 
     async def check(self, shared_token: str | None, authorization: str | None) -> str:
         """Raise `Unauthorized`/`Forbidden` unless a credential checks out; returns which one did."""
@@ -128,28 +143,30 @@ class WarmupAuth:
         if bearer is not None:
             if not self.audience:
                 raise Forbidden("OIDC tokens are not accepted here: CUTOUT_WARMUP_AUDIENCE is not set")
+            # A certs fetch is network I/O: off the event loop.
             await asyncio.to_thread(self.verify_oidc, bearer)
             return "oidc"
         raise Forbidden("the X-Warmup-Token is not the configured warm-up token")
 
-    def verify_oidc(self, token: str) -> dict[str, Any]:
-        from google.auth import jwt
-
+    def verify_oidc(self, token: str) -> Mapping[str, Any]:
         try:
-            header = jwt.decode_header(token)
+            jwt.decode_header(token)  # a token that is no JWT is refused without fetching anything
         except ValueError as exc:
             raise Forbidden("the bearer token is not a JWT") from exc
         try:
-            certs = self.certs.keys(header.get("kid"))
-        except (OSError, ValueError) as exc:
-            log.error("could not fetch Google's token-signing keys from %s: %s", self.certs.url, exc)
-            raise ServiceUnavailable("cannot check OIDC tokens right now; retry shortly", retry_after=30) from exc
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                token, certs=certs, audience=self.audience, clock_skew_in_seconds=CLOCK_SKEW_S
+            claims: Mapping[str, Any] = id_token.verify_token(
+                token,
+                self.certs,
+                audience=self.audience,
+                certs_url=self.certs_url,
+                clock_skew_in_seconds=CLOCK_SKEW_S,
             )
+        except auth_exceptions.TransportError as exc:
+            log.error("could not fetch Google's token-signing keys from %s: %s", self.certs_url, exc)
+            raise ServiceUnavailable("cannot check OIDC tokens right now; retry shortly", retry_after=30) from exc
         except ValueError as exc:  # google-auth raises ValueError subclasses for every bad token
             raise Forbidden(f"the OIDC token does not check out: {exc}") from exc
+        # What `verify_oauth2_token` checks, which cannot be pointed at another certs URL.
         if claims.get("iss") not in GOOGLE_ISSUERS:
             raise Forbidden("the OIDC token was not issued by accounts.google.com")
         if claims.get("email") != self.service_account or claims.get("email_verified") is not True:

@@ -141,7 +141,7 @@ resource "google_cloud_run_v2_service" "cutout" {
 
 locals {
   # What one instance costs per second at list price in Tier 1 regions (docs/cost.md); the service
-  # multiplies it by the GPU-bound seconds of each image for the cost_per_image_usd metric.
+  # multiplies it by the device seconds of each image (GPU time, waits excluded) for cost_per_image_usd.
   l4_usd_per_second       = var.gpu_zonal_redundancy_disabled ? 0.0001867 : 0.0002909
   instance_usd_per_second = local.l4_usd_per_second + var.cpu * 0.000018 + var.memory_gib * 0.000002
 

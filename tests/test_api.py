@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from effects import EFFECTS
-from tests import images
+from tests.support import photos
 
 ORIGIN = "https://shop.example"
 
@@ -55,7 +55,7 @@ def test_effects_listing_reports_every_effect_with_schema(client: TestClient) ->
 
 
 def test_process_classic_effects_on_the_original_background(client: TestClient) -> None:
-    upload = images.jpeg(120, 80)
+    upload = photos.jpeg(120, 80)
     response = post_process(client, upload, effects="blackwhite,popart", background="none")
     assert response.status_code == 200, response.text
     body = response.json()
@@ -86,7 +86,7 @@ def test_repeat_request_is_a_cache_hit_without_running_the_effect(
         return original.apply(image, params, seed)
 
     monkeypatch.setitem(EFFECTS, "dithering", dataclasses.replace(original, apply=counting_apply))
-    upload = images.png(64, 48)
+    upload = photos.png(64, 48)
     first = post_process(client, upload, effects="dithering", background="none")
     second = post_process(client, upload, effects="dithering", background="none")
     assert first.status_code == second.status_code == 200
@@ -97,7 +97,7 @@ def test_repeat_request_is_a_cache_hit_without_running_the_effect(
 
 
 def test_single_effect_route_answers_bytes_with_cache_headers(client: TestClient) -> None:
-    upload = images.jpeg(80, 60)
+    upload = photos.jpeg(80, 60)
     files = {"image": ("p.jpg", upload, "image/jpeg")}
     first = client.post("/v1/effects/retro8bit", data={"background": "none"}, files=files)
     assert first.status_code == 200, first.text
@@ -124,13 +124,16 @@ def test_same_seed_same_bytes_and_seed_changes_the_key(
     # Two services with separate stores: the second computes afresh, so equal bytes mean a
     # deterministic effect, not a cache hit.
     first_service, second_service = client_factory(cache_dir=tmp_path / "a"), client_factory(cache_dir=tmp_path / "b")
-    upload = images.jpeg(64, 64, seed=3)
+    upload = photos.jpeg(64, 64, seed=3)
 
     def grain(client: TestClient, seed: int) -> tuple[str, bytes]:
         body = post_process(client, upload, effects="blackwhite", background="none", seed=seed).json()
         result = body["results"]["blackwhite"]
         assert result["cache"] == "miss", body
-        return result["key"], client.get(f"/v1/results/{result['key']}.png").content
+        fetched = client.get(f"/v1/results/{result['key']}.png")
+        assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png", fetched.text
+        assert fetched.content.startswith(b"\x89PNG") and len(fetched.content) == result["bytes"]
+        return result["key"], fetched.content
 
     key_a, bytes_a = grain(first_service, 7)
     key_b, bytes_b = grain(second_service, 7)
@@ -141,7 +144,7 @@ def test_same_seed_same_bytes_and_seed_changes_the_key(
 
 
 def test_hash_first_answers_from_the_store_or_asks_for_the_upload(client: TestClient) -> None:
-    upload = images.jpeg(72, 48, seed=5)
+    upload = photos.jpeg(72, 48, seed=5)
     sha = _sha(upload)
     missing = post_process(client, None, image_sha256=sha, effects="popart", background="none")
     body = assert_error(missing, 404, "image_not_cached")
@@ -155,7 +158,7 @@ def test_hash_first_answers_from_the_store_or_asks_for_the_upload(client: TestCl
 
 
 def test_model_effects_answer_503_until_the_model_is_there(client: TestClient) -> None:
-    upload = images.jpeg()
+    upload = photos.jpeg()
     body = assert_error(post_process(client, upload, effects="cutout"), 503, "model_unavailable")
     assert "cutout" in body["detail"]
     assert_error(post_process(client, upload, effects="blackwhite"), 503, "model_unavailable")
@@ -184,7 +187,7 @@ def test_bad_parameters_are_400_with_a_teaching_detail(
     client: TestClient, fields: dict[str, Any], code: str, mentions: str
 ) -> None:
     fields.setdefault("background", "none")
-    body = assert_error(post_process(client, images.jpeg(), **fields), 400, code)
+    body = assert_error(post_process(client, photos.jpeg(), **fields), 400, code)
     assert mentions in body["detail"]
 
 
@@ -194,14 +197,14 @@ def test_bad_param_values_name_the_field(client: TestClient) -> None:
     field, spec = next((name, spec) for name, spec in schema["properties"].items() if "maximum" in spec)
     params = json.dumps({effect: {field: spec["maximum"] + 1000}})
     body = assert_error(
-        post_process(client, images.jpeg(), effects=effect, background="none", params=params), 400, "invalid_parameter"
+        post_process(client, photos.jpeg(), effects=effect, background="none", params=params), 400, "invalid_parameter"
     )
     assert f"params.{effect}.{field}" in body["detail"]
 
 
 def test_malformed_forms_are_422(client: TestClient) -> None:
-    assert_error(post_process(client, images.jpeg(), effects="popart", colour="red"), 422, "malformed_request")
-    assert_error(post_process(client, images.jpeg(), effects="popart", seed="abc"), 422, "malformed_request")
+    assert_error(post_process(client, photos.jpeg(), effects="popart", colour="red"), 422, "malformed_request")
+    assert_error(post_process(client, photos.jpeg(), effects="popart", seed="abc"), 422, "malformed_request")
     no_photo = post_process(client, None, effects="popart", background="none")
     assert_error(no_photo, 400, "invalid_parameter")
 
@@ -214,7 +217,7 @@ def test_unknown_result_is_404(client: TestClient) -> None:
 
 def test_uploads_over_the_byte_limit_are_413_before_reading_them(client_factory: Callable[..., TestClient]) -> None:
     client = client_factory(max_upload_bytes=20_000)
-    big = images.encode(images.photo(400, 400, seed=1), "PNG")
+    big = photos.encode(photos.photo(400, 400, seed=1), "PNG")
     assert len(big) > 100_000
     assert_error(post_process(client, big, effects="popart", background="none"), 413, "upload_too_large")
 
@@ -237,12 +240,12 @@ def test_uploads_over_the_byte_limit_are_413_before_reading_them(client_factory:
 def test_pixel_bombs_are_413(client_factory: Callable[..., TestClient]) -> None:
     client = client_factory()
     body = assert_error(
-        post_process(client, images.png_header_bomb(), effects="popart", background="none"), 413, "image_too_large"
+        post_process(client, photos.png_header_bomb(), effects="popart", background="none"), 413, "image_too_large"
     )
     assert "30000x30000" in body["detail"]
     small_limit = client_factory(max_pixels=5000)
     assert_error(
-        post_process(small_limit, images.jpeg(100, 100), effects="popart", background="none"), 413, "image_too_large"
+        post_process(small_limit, photos.jpeg(100, 100), effects="popart", background="none"), 413, "image_too_large"
     )
 
 
@@ -256,7 +259,7 @@ def test_cors_headers_on_answers_and_preflight(client: TestClient) -> None:
 
 
 def test_output_is_never_upscaled_and_respects_max_size(client: TestClient) -> None:
-    upload = images.jpeg(300, 200)
+    upload = photos.jpeg(300, 200)
     small = post_process(client, upload, effects="popart", background="none", max_size=64).json()
     assert (small["results"]["popart"]["width"], small["results"]["popart"]["height"]) == (64, 43)
     big = post_process(client, upload, effects="popart", background="none", max_size=4096).json()
@@ -264,7 +267,7 @@ def test_output_is_never_upscaled_and_respects_max_size(client: TestClient) -> N
 
 
 def test_formats_webp_and_jpeg(client: TestClient) -> None:
-    upload = images.jpeg(64, 48)
+    upload = photos.jpeg(64, 48)
     for fmt, pil_name, content_type in (("webp", "WEBP", "image/webp"), ("jpeg", "JPEG", "image/jpeg")):
         result = post_process(client, upload, effects="blackwhite", background="none", format=fmt).json()
         entry = result["results"]["blackwhite"]

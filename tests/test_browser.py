@@ -14,34 +14,25 @@ with what the theme writes, and its answer read the way the theme reads it.
 from __future__ import annotations
 
 import email.policy
-import functools
 import io
 import json
-import os
 import re
 import shutil
-import subprocess
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from email.parser import BytesParser
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import STATIC_DIR
-from tests import images
-from tests.recording_proxy import Recorded, RecordingProxy
-from tests.server import ROOT, running_server
+from tests.support import ROOT, photos
+from tests.support.browser import require_browser_tools, run_browser_script, static_site
+from tests.support.recording_proxy import Recorded, RecordingProxy
+from tests.support.server import running_server
 
-CHROMIUM = Path("/usr/bin/chromium")
 SPEC = ROOT / "tests" / "browser" / "demo.spec.mjs"
 ARTIFACTS = ROOT / "artifacts" / "browser"
 CLASSIC_AND_CUTOUT = ["cutout", "blackwhite", "dithering", "popart", "retro8bit"]
@@ -55,52 +46,6 @@ def test_the_client_and_demo_page_are_served(client: TestClient) -> None:
     page = client.get("/static/demo.html")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<script src="cutout.js"></script>' in page.text
-
-
-def require_browser_tools() -> str:
-    node = shutil.which("node")
-    problems = []
-    if not CHROMIUM.exists():
-        problems.append("Debian chromium (apt-get install chromium; `make system-deps`)")
-    if node is None:
-        problems.append("node")
-    if not (ROOT / "node_modules" / "playwright-core").is_dir():
-        problems.append("playwright-core (npm ci; `make node-deps`)")
-    if problems:
-        pytest.fail("the browser test needs " + ", ".join(problems))
-    assert node is not None
-    return node
-
-
-@contextmanager
-def static_site(directory: Path) -> Iterator[str]:
-    """The demo page on its own loopback origin, as a storefront theme would host it."""
-
-    class Quiet(SimpleHTTPRequestHandler):
-        def log_message(self, format: str, *args: object) -> None:
-            return None
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="demo-site", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-def wait_ready(base: str, timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        response = httpx.get(f"{base}/ready", timeout=5.0)
-        if response.status_code == 200:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the service was not ready in {timeout_s}s: {response.text}")
-        time.sleep(0.25)
 
 
 def is_upload(request: Recorded) -> bool:
@@ -117,7 +62,7 @@ def test_demo_page_uploads_once_retries_a_429_and_answers_repeats_from_the_hash(
 ) -> None:
     node = require_browser_tools()
     photo = tmp_path / "pet.jpg"
-    photo.write_bytes(images.jpeg(640, 480, seed=21))
+    photo.write_bytes(photos.jpeg(640, 480, seed=21))
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     with static_site(STATIC_DIR) as page_origin:
@@ -126,39 +71,26 @@ def test_demo_page_uploads_once_retries_a_429_and_answers_repeats_from_the_hash(
             "CUTOUT_ALLOWED_ORIGINS": page_origin,
             "CUTOUT_DIFFUSION_EFFECTS": "",
         }
-        with running_server(tmp_path, env=env) as api:
-            wait_ready(api)
-            with RecordingProxy(api) as proxy:
-                proxy.inject(
-                    429,
-                    when=is_upload,
-                    headers={
-                        "Content-Type": "application/json",
-                        "Retry-After": "1",
-                        "Access-Control-Allow-Origin": page_origin,
-                        "Access-Control-Expose-Headers": "Retry-After",
-                    },
-                    body=json.dumps({"detail": "too many uploads; retry in 1 s", "code": "rate_limited"}).encode(),
-                )
-                config = {
-                    "pageUrl": f"{page_origin}/demo.html?api={proxy.url}&maxSide=320",
-                    "photo": str(photo),
-                    "userDataDir": str(tmp_path / "chromium-profile"),
-                    "screenshotDir": str(ARTIFACTS),
-                    "chromium": str(CHROMIUM),
-                }
-                run = subprocess.run(
-                    [node, str(SPEC)],
-                    cwd=ROOT,
-                    env={**os.environ, "CUTOUT_BROWSER": json.dumps(config)},
-                    capture_output=True,
-                    text=True,
-                    timeout=420,
-                    check=False,
-                )
-                assert run.returncode == 0, f"browser script failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-                report = json.loads(run.stdout.strip().splitlines()[-1])
-                uploads_seen_by_proxy = [r.status for r in proxy.recorded(is_upload)]
+        with running_server(tmp_path, env, wait_for="/ready") as api, RecordingProxy(api.url) as proxy:
+            proxy.inject(
+                429,
+                when=is_upload,
+                headers={
+                    "Content-Type": "application/json",
+                    "Retry-After": "1",
+                    "Access-Control-Allow-Origin": page_origin,
+                    "Access-Control-Expose-Headers": "Retry-After",
+                },
+                body=json.dumps({"detail": "too many uploads; retry in 1 s", "code": "rate_limited"}).encode(),
+            )
+            config = {
+                "pageUrl": f"{page_origin}/demo.html?api={proxy.url}&maxSide=320",
+                "photo": str(photo),
+                "userDataDir": str(tmp_path / "chromium-profile"),
+                "screenshotDir": str(ARTIFACTS),
+            }
+            report = run_browser_script(node, SPEC, config, timeout_s=420)
+            uploads_seen_by_proxy = [r.status for r in proxy.recorded(is_upload)]
 
     first, second = report["first"], report["second"]
     print(f"\nscreenshots: {first['screenshot']} {second['screenshot']}")
@@ -224,36 +156,21 @@ def theme_site(tmp_path: Path) -> Path:
     for name in THEME_PAGE:
         shutil.copy(ROOT / "tests" / "browser" / name, site / name)
     # Stands in for a generated artistic image: a PNG on an opaque background, served by the shop's side.
-    (site / "gemini.png").write_bytes(images.png(300, 200, seed=31))
+    (site / "gemini.png").write_bytes(photos.png(300, 200, seed=31))
     return site
 
 
 def theme_photos(tmp_path: Path) -> dict[str, str]:
-    photos = {
-        "large": ("pet-large.jpg", images.jpeg(2000, 1500, seed=32)),  # over 1600 px: pet-processor.js resizes it
-        "small": ("pet-small.jpg", images.jpeg(640, 480, seed=33)),
-        "png": ("pet.png", images.png(500, 400, seed=34)),
+    made = {
+        "large": ("pet-large.jpg", photos.jpeg(2000, 1500, seed=32)),  # over 1600 px: pet-processor.js resizes it
+        "small": ("pet-small.jpg", photos.jpeg(640, 480, seed=33)),
+        "png": ("pet.png", photos.png(500, 400, seed=34)),
     }
     paths = {}
-    for key, (name, data) in photos.items():
+    for key, (name, data) in made.items():
         (tmp_path / name).write_bytes(data)
         paths[key] = str(tmp_path / name)
     return paths
-
-
-def run_theme_spec(node: str, config: dict[str, Any]) -> dict[str, Any]:
-    run = subprocess.run(
-        [node, str(THEME_SPEC)],
-        cwd=ROOT,
-        env={**os.environ, "CUTOUT_BROWSER": json.dumps({"chromium": str(CHROMIUM), **config})},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert run.returncode == 0, f"browser script failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-    report: dict[str, Any] = json.loads(run.stdout.strip().splitlines()[-1])
-    return report
 
 
 @dataclass
@@ -298,27 +215,26 @@ def decoded_size(data: bytes) -> tuple[str | None, tuple[int, int]]:
 @pytest.mark.browser
 def test_the_theme_callers_get_what_they_read_from_another_origin(tmp_path: Path, models_dir: Path) -> None:
     node = require_browser_tools()
-    photos = theme_photos(tmp_path)
+    uploads = theme_photos(tmp_path)
     site = theme_site(tmp_path)
     with static_site(site) as page_origin, static_site(site) as stranger_origin:
         env = {"CUTOUT_MODELS_DIR": str(models_dir), "CUTOUT_ALLOWED_ORIGINS": page_origin}
-        with running_server(tmp_path, env=env) as api:
-            wait_ready(api)
-            with RecordingProxy(api) as proxy:
-                report = run_theme_spec(
-                    node,
-                    {
-                        "mode": "ready",
-                        "pageUrl": f"{page_origin}/theme.html?api={proxy.url}",
-                        "strangerUrl": f"{stranger_origin}/theme.html?api={proxy.url}",
-                        "photos": photos,
-                        "userDataDir": str(tmp_path / "chromium-profile"),
-                    },
-                )
-                process_posts = posts(proxy, PROCESS_WITH_EFFECTS)
-                remove_posts = posts(proxy, "/remove-background")
-                store_posts = posts(proxy, "/store-image")
-                warmups = proxy.recorded(lambda r: r.path == "/warmup")
+        with running_server(tmp_path, env, wait_for="/ready") as api, RecordingProxy(api.url) as proxy:
+            report = run_browser_script(
+                node,
+                THEME_SPEC,
+                {
+                    "mode": "ready",
+                    "pageUrl": f"{page_origin}/theme.html?api={proxy.url}",
+                    "strangerUrl": f"{stranger_origin}/theme.html?api={proxy.url}",
+                    "photos": uploads,
+                    "userDataDir": str(tmp_path / "chromium-profile"),
+                },
+            )
+            process_posts = posts(proxy, PROCESS_WITH_EFFECTS)
+            remove_posts = posts(proxy, "/remove-background")
+            store_posts = posts(proxy, "/store-image")
+            warmups = proxy.recorded(lambda r: r.path == "/warmup")
     print(json.dumps({k: v for k, v in report.items() if k != "console"}, indent=1)[:6000])
     errors = [line for line in report["console"] if line.startswith("pageerror")]
     assert not errors, report["console"]
@@ -369,7 +285,7 @@ def test_the_theme_callers_get_what_they_read_from_another_origin(tmp_path: Path
     assert inline_req.query == {"return_all_effects": ["true"], "effects": ["enhancedblackwhite,color"]}
     (only_part,) = form_parts(inline_req)
     assert (only_part.name, only_part.filename, only_part.content_type) == ("file", "pet-small.jpg", "image/jpeg")
-    assert only_part.data == Path(photos["small"]).read_bytes()
+    assert only_part.data == Path(uploads["small"]).read_bytes()
     assert inline["keys"] == ["enhancedblackwhite", "color"]
     assert all((s["loaded"], s["width"], s["height"]) == (True, 640, 480) for s in inline["shown"].values()), inline
 
@@ -416,7 +332,7 @@ def test_the_theme_callers_get_what_they_read_from_another_origin(tmp_path: Path
         ("tier", "temporary"),
         ("effect_applied", "source"),
     ]
-    assert form_parts(pet_original)[0].data == Path(photos["large"]).read_bytes()
+    assert form_parts(pet_original)[0].data == Path(uploads["large"]).read_bytes()
     assert fields(inline_color) == [
         ("file", "<image/png>"),
         ("session_id", "inline_1"),
@@ -469,18 +385,19 @@ def test_the_theme_callers_get_what_they_read_from_another_origin(tmp_path: Path
 @pytest.mark.browser
 def test_the_theme_callers_read_a_cold_service_error_not_a_cors_failure(tmp_path: Path) -> None:
     node = require_browser_tools()
-    photos = theme_photos(tmp_path)
+    uploads = theme_photos(tmp_path)
     # No weights: every effect of these routes needs the cutout model, so each answers 503.
     with (
         static_site(theme_site(tmp_path)) as page_origin,
-        running_server(tmp_path, env={"CUTOUT_ALLOWED_ORIGINS": page_origin}) as api,
+        running_server(tmp_path, {"CUTOUT_ALLOWED_ORIGINS": page_origin}) as server,
     ):
-        report = run_theme_spec(
+        report = run_browser_script(
             node,
+            THEME_SPEC,
             {
                 "mode": "cold",
-                "pageUrl": f"{page_origin}/theme.html?api={api}",
-                "photos": photos,
+                "pageUrl": f"{page_origin}/theme.html?api={server.url}",
+                "photos": uploads,
                 "userDataDir": str(tmp_path / "chromium-profile"),
             },
         )

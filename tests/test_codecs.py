@@ -18,15 +18,9 @@ from effects.engine import output_size
 from effects.inspyrenet import MODEL_SIZES
 from service import codecs, imaging
 from service.errors import ImageTooLarge, UnsupportedImage
-from tests import images
+from tests.support import photos
 
 BIG = 10**9
-
-
-def jpeg_bytes(array: np.ndarray, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, "JPEG", **options)
-    return buffer.getvalue()
 
 
 def with_orientation(orientation: int) -> bytes:
@@ -50,15 +44,6 @@ def new_working_image(data: bytes, max_size: int) -> tuple[np.ndarray, str]:
     return codecs.shrink(decoded, max_size), decoded.decoder
 
 
-def real_photo(width: int, height: int, noise: float = 3.0) -> np.ndarray:
-    """scikit-image's cat photo enlarged to the size of a phone photo, with sensor-like noise."""
-    from skimage import data as samples
-
-    enlarged = np.asarray(Image.fromarray(samples.chelsea()).resize((width, height), Image.Resampling.BICUBIC))
-    noisy = enlarged.astype(np.float32) + np.random.default_rng(0).normal(0.0, noise, enlarged.shape)
-    return np.clip(noisy, 0, 255).astype(np.uint8)
-
-
 # ------------------------------------------------------------------------ decoding
 
 
@@ -73,8 +58,8 @@ def real_photo(width: int, height: int, noise: float = 3.0) -> np.ndarray:
     ],
 )
 def test_full_scale_jpeg_decode_is_pixel_identical_to_pillow(name: str, options: dict[str, Any], grey: bool) -> None:
-    array = images.photo(203, 131, seed=3)
-    data = jpeg_bytes(array[:, :, 0] if grey else array, **options)
+    array = photos.photo(203, 131, seed=3)
+    data = photos.encode(array[:, :, 0] if grey else array, "JPEG", **options)
     decoded = codecs.decode(data, BIG)
     assert decoded.decoder == "libjpeg-turbo", name
     assert decoded.pixels.shape == (131, 203, 3)
@@ -83,7 +68,7 @@ def test_full_scale_jpeg_decode_is_pixel_identical_to_pillow(name: str, options:
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_exif_orientation_matches_pillow_at_full_and_reduced_scale(orientation: int) -> None:
-    data = jpeg_bytes(images.photo(160, 96, seed=1), quality=92, exif=with_orientation(orientation))
+    data = photos.encode(photos.photo(160, 96, seed=1), "JPEG", quality=92, exif=with_orientation(orientation))
     reference = imaging.decode(data, BIG).pixels
     decoded = codecs.decode(data, BIG)
     assert np.array_equal(decoded.pixels, reference)
@@ -149,7 +134,7 @@ def test_mask_input_side_is_the_largest_model_input() -> None:
 
 
 def test_reduced_decode_stays_within_the_documented_tolerance_on_a_real_photo() -> None:
-    data = jpeg_bytes(real_photo(1600, 1200), quality=90)
+    data = photos.encode(photos.real_photo(1600, 1200), "JPEG", quality=90)
     # Full-scale decode with the 8-bit resize: within 1/255 of today's float resize.
     new, decoder = new_working_image(data, 1024)
     assert decoder == "libjpeg-turbo"
@@ -168,7 +153,7 @@ def test_reduced_decode_stays_within_the_documented_tolerance_on_a_real_photo() 
 
 
 def test_shrink_is_the_engine_resize_within_one_level_and_respects_the_mask_side() -> None:
-    data = jpeg_bytes(images.photo(1200, 900, seed=2), quality=92)
+    data = photos.encode(photos.photo(1200, 900, seed=2), "JPEG", quality=92)
     decoded = codecs.decode(data, BIG, 400)
     assert decoded.decoder == "libjpeg-turbo 1/2"
     shrunk = codecs.shrink(decoded, 400)
@@ -182,7 +167,7 @@ def test_shrink_is_the_engine_resize_within_one_level_and_respects_the_mask_side
 
 
 def test_pixel_bomb_is_refused_on_the_declared_size_even_when_decoding_would_be_small() -> None:
-    data = jpeg_bytes(images.photo(400, 300), quality=90)
+    data = photos.encode(photos.photo(400, 300), "JPEG", quality=90)
     with pytest.raises(ImageTooLarge, match="400x300"):
         codecs.decode(data, max_pixels=100_000, max_size=64)  # a 1/8 decode would be 50 x 38
     fake = torch.device("cuda")
@@ -192,7 +177,7 @@ def test_pixel_bomb_is_refused_on_the_declared_size_even_when_decoding_would_be_
 
 def test_header_bomb_jpeg_is_refused_before_decoding() -> None:
     # A 16 x 16 JPEG whose frame header claims 30000 x 30000 pixels: decoding it would allocate 2.7 GB.
-    small = jpeg_bytes(images.photo(16, 16), quality=90)
+    small = photos.encode(photos.photo(16, 16), "JPEG", quality=90)
     sof = small.index(b"\xff\xc0")
     bomb = bytearray(small)
     bomb[sof + 5 : sof + 9] = (30000).to_bytes(2, "big") * 2
@@ -203,20 +188,20 @@ def test_header_bomb_jpeg_is_refused_before_decoding() -> None:
 
 
 def test_cmyk_corrupt_and_colour_managed_files_take_the_pillow_path() -> None:
-    photo = images.photo(64, 48)
+    photo = photos.photo(64, 48)
     cmyk = io.BytesIO()
     Image.fromarray(photo).convert("CMYK").save(cmyk, "JPEG", quality=95)
     decoded = codecs.decode(cmyk.getvalue(), BIG, 32)
     assert decoded.decoder == "pillow"
     assert np.array_equal(decoded.pixels, imaging.decode(cmyk.getvalue(), BIG).pixels)
 
-    truncated = images.jpeg(300, 200)[:900]
+    truncated = photos.jpeg(300, 200)[:900]
     with pytest.raises(UnsupportedImage):
         codecs.decode(truncated, BIG, 100)
     with pytest.raises(UnsupportedImage):
         codecs.decode(b"\xff\xd8\xff\xe0 not a jpeg at all", BIG, 100)
 
-    png = images.png(80, 60)
+    png = photos.png(80, 60)
     decoded = codecs.decode(png, BIG, 40)
     assert decoded.decoder == "pillow" and decoded.pixels.shape == (60, 80, 3)
 
@@ -229,7 +214,7 @@ def _non_srgb_profile() -> bytes:
 
 def test_icc_profiles_are_converted_as_imaging_does() -> None:
     icc = _non_srgb_profile()
-    data = jpeg_bytes(images.photo(120, 90), quality=92, icc_profile=icc)
+    data = photos.encode(photos.photo(120, 90), "JPEG", quality=92, icc_profile=icc)
     header = Image.open(io.BytesIO(data))
     assert not codecs.gpu_decodable(header)  # colour management stays on the CPU
     decoded = codecs.decode(data, BIG)
@@ -238,12 +223,12 @@ def test_icc_profiles_are_converted_as_imaging_does() -> None:
 
 
 def test_gpu_decodable_only_for_baseline_ycbcr_or_grey_without_colour_management() -> None:
-    photo = images.photo(64, 48)
-    baseline = Image.open(io.BytesIO(jpeg_bytes(photo, quality=90)))
-    progressive = Image.open(io.BytesIO(jpeg_bytes(photo, quality=90, progressive=True)))
-    grey = Image.open(io.BytesIO(jpeg_bytes(photo[:, :, 1], quality=90)))
+    photo = photos.photo(64, 48)
+    baseline = Image.open(io.BytesIO(photos.encode(photo, "JPEG", quality=90)))
+    progressive = Image.open(io.BytesIO(photos.encode(photo, "JPEG", quality=90, progressive=True)))
+    grey = Image.open(io.BytesIO(photos.encode(photo[:, :, 1], "JPEG", quality=90)))
     srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    tagged = Image.open(io.BytesIO(jpeg_bytes(photo, quality=90, icc_profile=srgb)))
+    tagged = Image.open(io.BytesIO(photos.encode(photo, "JPEG", quality=90, icc_profile=srgb)))
     cmyk_buffer = io.BytesIO()
     Image.fromarray(photo).convert("CMYK").save(cmyk_buffer, "JPEG")
     cmyk = Image.open(cmyk_buffer)
@@ -264,7 +249,7 @@ def test_load_on_cuda_falls_back_to_the_cpu_when_nvjpeg_fails(monkeypatch: pytes
         raise RuntimeError("nvjpegDecode failed: NVJPEG_STATUS_BAD_JPEG")
 
     monkeypatch.setattr(codecs, "_nvjpeg", broken)
-    data = jpeg_bytes(images.photo(300, 200), quality=90, exif=with_orientation(6))
+    data = photos.encode(photos.photo(300, 200), "JPEG", quality=90, exif=with_orientation(6))
     loaded = codecs.load(data, BIG, 2048, torch.device("cuda"), _host_upload)
     assert calls == [6]
     assert loaded.decoder == "libjpeg-turbo"
@@ -276,10 +261,10 @@ def test_load_on_cuda_never_tries_nvjpeg_for_files_it_cannot_take(monkeypatch: p
         raise AssertionError("nvJPEG tried on a file it cannot decode like the CPU")
 
     monkeypatch.setattr(codecs, "_nvjpeg", must_not_run)
-    photo = images.photo(300, 200)
+    photo = photos.photo(300, 200)
     cmyk = io.BytesIO()
     Image.fromarray(photo).convert("CMYK").save(cmyk, "JPEG")
-    for data in (jpeg_bytes(photo, progressive=True), cmyk.getvalue(), images.png(300, 200)):
+    for data in (photos.encode(photo, "JPEG", progressive=True), cmyk.getvalue(), photos.png(300, 200)):
         loaded = codecs.load(data, BIG, 100, torch.device("cuda"), _host_upload)
         # On a GPU the engine resizes: the CPU decode is handed over unshrunk (JPEGs DCT-scaled at most).
         assert loaded.image.shape[1:] in ((200, 300), (100, 150))
@@ -290,7 +275,7 @@ def test_gpu_path_orients_and_matches_the_cpu_decode(monkeypatch: pytest.MonkeyP
     """The nvJPEG route run with torchvision's CPU decoder: the same call, only the device differs."""
     real = codecs._nvjpeg
     monkeypatch.setattr(codecs, "_nvjpeg", lambda data, device, o: real(data, torch.device("cpu"), o))
-    data = jpeg_bytes(images.photo(150, 100, seed=4), quality=92, exif=with_orientation(orientation))
+    data = photos.encode(photos.photo(150, 100, seed=4), "JPEG", quality=92, exif=with_orientation(orientation))
     loaded = codecs.load(data, BIG, 2048, torch.device("cuda"), _host_upload)
     assert loaded.decoder == "nvjpeg"
     reference = imaging.decode(data, BIG).pixels
@@ -300,7 +285,7 @@ def test_gpu_path_orients_and_matches_the_cpu_decode(monkeypatch: pytest.MonkeyP
 
 
 def test_load_on_cpu_hands_the_engine_the_output_size() -> None:
-    data = jpeg_bytes(images.photo(1600, 1200), quality=90, exif=with_orientation(6))
+    data = photos.encode(photos.photo(1600, 1200), "JPEG", quality=90, exif=with_orientation(6))
     loaded = codecs.load(data, BIG, 800, torch.device("cpu"), _host_upload, needs_mask=False)
     assert loaded.decoder == "libjpeg-turbo 1/2"
     assert tuple(loaded.image.shape) == (3, 800, 600)
@@ -312,7 +297,7 @@ def test_load_on_cpu_hands_the_engine_the_output_size() -> None:
 
 
 def result_pixels(kind: str) -> np.ndarray:
-    photo = images.photo(257, 171, seed=5)
+    photo = photos.photo(257, 171, seed=5)
     alpha = np.zeros(photo.shape[:2], np.uint8)
     alpha[30:150, 40:220] = 255
     alpha[60:90, 60:90] = 128
@@ -393,7 +378,7 @@ def test_instance_cores_is_within_the_affinity() -> None:
 
 def test_service_answers_with_the_reduced_decode_at_the_same_size(client: TestClient) -> None:
     """Through the real app: a rotated 1600 x 1200 JPEG at max_size 400 comes back 300 x 400, as before."""
-    data = jpeg_bytes(images.photo(1600, 1200, seed=6), quality=90, exif=with_orientation(6))
+    data = photos.encode(photos.photo(1600, 1200, seed=6), "JPEG", quality=90, exif=with_orientation(6))
     response = client.post(
         "/v1/process",
         data={"effects": "popart", "background": "none", "max_size": "400"},

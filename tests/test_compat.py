@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests import images
+from tests.support import photos
 
 ORIGIN = "https://shop.example"
 STOREFRONT_URL = "/api/v2/process-with-effects?return_all_effects=true&effects=enhancedblackwhite,color"
@@ -39,7 +39,7 @@ def test_without_the_cutout_model_every_effect_is_503_with_cors(client: TestClie
     # Every storefront effect is applied to the cutout, so each one needs the model.
     for effects in ("color", "enhancedblackwhite,color", "popart"):
         response = storefront_post(
-            client, images.jpeg(64, 48), f"/api/v2/process-with-effects?return_all_effects=true&effects={effects}"
+            client, photos.jpeg(64, 48), f"/api/v2/process-with-effects?return_all_effects=true&effects={effects}"
         )
         detail = assert_error(response, 503, "model_unavailable")
         assert "cutout" in detail
@@ -48,7 +48,7 @@ def test_without_the_cutout_model_every_effect_is_503_with_cors(client: TestClie
 
 def test_errors_keep_the_json_shape_and_cors_headers(client: TestClient) -> None:
     detail = assert_error(
-        storefront_post(client, images.jpeg(), "/api/v2/process-with-effects?return_all_effects=true&effects=sepia"),
+        storefront_post(client, photos.jpeg(), "/api/v2/process-with-effects?return_all_effects=true&effects=sepia"),
         400,
         "unknown_effect",
     )
@@ -57,11 +57,11 @@ def test_errors_keep_the_json_shape_and_cors_headers(client: TestClient) -> None
     # A form with no `file` is refused, as the old services refused it.
     assert_error(client.post(STOREFRONT_URL, data={"note": "x"}, headers={"Origin": ORIGIN}), 422, "malformed_request")
     missing = client.post(
-        STOREFRONT_URL, files={"image": ("a.jpg", images.jpeg(), "image/jpeg")}, headers={"Origin": ORIGIN}
+        STOREFRONT_URL, files={"image": ("a.jpg", photos.jpeg(), "image/jpeg")}, headers={"Origin": ORIGIN}
     )
     assert "file" in assert_error(missing, 422, "malformed_request")
     assert "png, webp" in assert_error(
-        storefront_post(client, images.jpeg(), STOREFRONT_URL + "&output_format=jpeg"), 400, "invalid_parameter"
+        storefront_post(client, photos.jpeg(), STOREFRONT_URL + "&output_format=jpeg"), 400, "invalid_parameter"
     )
     assert "file" in assert_error(
         client.post("/remove-background?format=webp", data={"x": "1"}, headers={"Origin": ORIGIN}),
@@ -77,7 +77,7 @@ def test_the_v1_api_still_refuses_what_the_compatibility_routes_accept(client: T
     refused = client.post(
         "/v1/process",
         data={"effects": "cutout", "session_id": "perkie_1"},
-        files={"image": ("p.jpg", images.jpeg(), "image/jpeg")},
+        files={"image": ("p.jpg", photos.jpeg(), "image/jpeg")},
         headers={"Origin": ORIGIN},
     )
     assert "session_id" in assert_error(refused, 422, "malformed_request")
@@ -129,14 +129,21 @@ def test_a_bad_origin_pattern_is_a_startup_error(tmp_path: Path) -> None:
         Settings(allowed_origin_regex="https://(unclosed")
 
 
-def test_storefront_request_answers_base64_transparent_pngs_from_the_shared_cache(
-    client_factory: Callable[..., TestClient], models_dir: Path
-) -> None:
-    client = client_factory(models_dir=models_dir)
-    assert client.get("/ready").status_code == 200, client.get("/ready").text
-    photo = images.jpeg(80, 60, seed=3)
+@pytest.fixture
+def cutout_client(client_factory: Callable[..., TestClient], models_dir: Path) -> TestClient:
+    """An app with the cutout model loaded (random weights): every storefront route needs it."""
+    app = client_factory(models_dir=models_dir)
+    ready = app.get("/ready")
+    assert ready.status_code == 200, ready.text
+    return app
 
-    response = storefront_post(client, photo)
+
+def test_storefront_request_answers_base64_transparent_pngs_from_the_shared_cache(
+    cutout_client: TestClient,
+) -> None:
+    photo = photos.jpeg(80, 60, seed=3)
+
+    response = storefront_post(cutout_client, photo)
 
     assert response.status_code == 200, response.text
     assert response.headers["access-control-allow-origin"] == ORIGIN
@@ -162,31 +169,33 @@ def test_storefront_request_answers_base64_transparent_pngs_from_the_shared_cach
     assert {entry["cache"] for entry in info["effects"].values()} == {"miss"}
 
     # Same photo again: every effect from the cache, byte for byte.
-    again = storefront_post(client, photo).json()
+    again = storefront_post(cutout_client, photo).json()
     assert again["cache_info"]["total_cache_hits"] == 2
     assert again["effects"] == body["effects"]
 
     # Same cache as the current API: `color` is `cutout`, `enhancedblackwhite` is `blackwhite`.
-    current = client.post(
+    current = cutout_client.post(
         "/v1/process",
         data={"effects": "cutout,blackwhite", "background": "transparent", "format": "png"},
         files={"image": ("p.jpg", photo, "image/jpeg")},
     ).json()
     assert {name: r["cache"] for name, r in current["results"].items()} == {"cutout": "hit", "blackwhite": "hit"}
     assert current["results"]["cutout"]["key"] == info["effects"]["color"]["key"]
-    fetched = client.get(current["results"]["cutout"]["url"].removeprefix("http://testserver"))
+    fetched = cutout_client.get(current["results"]["cutout"]["url"].removeprefix("http://testserver"))
     assert fetched.content == decoded["color"]
 
     # return_all_effects=false: the old single-image answer, the first effect's PNG.
-    single = storefront_post(client, photo, "/api/v2/process-with-effects?effects=popart,color")
+    single = storefront_post(cutout_client, photo, "/api/v2/process-with-effects?effects=popart,color")
     assert single.status_code == 200
     assert single.headers["content-type"] == "image/png"
     assert single.headers["x-effect"] == "popart"
     assert single.headers["x-cache"] == "MISS"
     with Image.open(io.BytesIO(single.content)) as image:
         assert (image.format, image.size, image.mode) == ("PNG", (80, 60), "RGBA")
-    assert storefront_post(client, photo, "/api/v2/process-with-effects?effects=popart").headers["x-cache"] == "HIT"
-    assert_error(storefront_post(client, b"hello, not a photo" * 10), 415, "unsupported_image")
+    assert (
+        storefront_post(cutout_client, photo, "/api/v2/process-with-effects?effects=popart").headers["x-cache"] == "HIT"
+    )
+    assert_error(storefront_post(cutout_client, b"hello, not a photo" * 10), 415, "unsupported_image")
 
 
 def decode_effect(value: str) -> tuple[str, Image.Image]:
@@ -202,15 +211,13 @@ def decode_effect(value: str) -> tuple[str, Image.Image]:
 
 
 def test_every_request_shape_the_theme_builds_is_answered(
-    client_factory: Callable[..., TestClient], models_dir: Path, caplog: pytest.LogCaptureFixture
+    cutout_client: TestClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="cutout.compat")
-    client = client_factory(models_dir=models_dir)
-    assert client.get("/ready").status_code == 200, client.get("/ready").text
-    photo = images.jpeg(72, 56, seed=5)
+    photo = photos.jpeg(72, 56, seed=5)
 
     # assets/api-client.js (BiRefNet branch): effects and session_id in the form, only return_all_effects in the query.
-    api_client = client.post(
+    api_client = cutout_client.post(
         "/api/v2/process-with-effects?return_all_effects=true",
         data={"effects": "color,enhancedblackwhite", "session_id": "perkie_1764630000000"},
         files={"file": ("blob", photo, "image/jpeg")},
@@ -225,7 +232,7 @@ def test_every_request_shape_the_theme_builds_is_answered(
         assert decode_effect(value)[1].size == (72, 56)
 
     # The same file's InSPyReNet branch asks for optimized_popart and dithering as well.
-    inspyrenet = client.post(
+    inspyrenet = cutout_client.post(
         "/api/v2/process-with-effects?return_all_effects=true",
         data={"effects": "color,enhancedblackwhite,optimized_popart,dithering", "session_id": "perkie_2"},
         files={"file": ("blob", photo, "image/jpeg")},
@@ -236,7 +243,7 @@ def test_every_request_shape_the_theme_builds_is_answered(
     assert inspyrenet["effects"]["color"] == body["effects"]["color"], "same photo, same cutout, from the cache"
 
     # assets/pet-processor.js: effects both in the query and in the form (the query wins, same names anyway).
-    pet_processor = client.post(
+    pet_processor = cutout_client.post(
         STOREFRONT_URL,
         data={"effects": "enhancedblackwhite,color"},
         files={"file": ("IMG_0042.jpg", photo, "image/jpeg")},
@@ -244,7 +251,7 @@ def test_every_request_shape_the_theme_builds_is_answered(
     ).json()
     assert list(pet_processor["effects"]) == ["enhancedblackwhite", "color"]
     assert pet_processor["cache_info"]["total_cache_hits"] == 2
-    query_wins = client.post(
+    query_wins = cutout_client.post(
         "/api/v2/process-with-effects?return_all_effects=true&effects=dithering",
         data={"effects": "popart"},
         files={"file": ("p.jpg", photo, "image/jpeg")},
@@ -253,12 +260,14 @@ def test_every_request_shape_the_theme_builds_is_answered(
 
     # The BiRefNet service's name, next to the InSPyReNet one: one result, two keys.
     both = storefront_post(
-        client, photo, "/api/v2/process-with-effects?return_all_effects=true&effects=blackwhite,enhancedblackwhite"
+        cutout_client,
+        photo,
+        "/api/v2/process-with-effects?return_all_effects=true&effects=blackwhite,enhancedblackwhite",
     ).json()
     assert both["effects"]["blackwhite"] == both["effects"]["enhancedblackwhite"]
 
     # Fields the old services declared (or never declared) and Cutout has no use for: accepted, ignored.
-    extra = client.post(
+    extra = cutout_client.post(
         STOREFRONT_URL + "&session_id=s-9&use_cache=true&quality=80&grain=0.1&effect_params=%7B%7D&utm_source=x",
         data={"pet_name": "Rex"},
         files={"file": ("p.jpg", photo, "image/jpeg")},
@@ -272,33 +281,31 @@ def test_every_request_shape_the_theme_builds_is_answered(
     assert extra.json()["effects"] == pet_processor["effects"]
 
     # No session id sent: one is made up, as the InSPyReNet service did.
-    assert len(storefront_post(client, photo).json()["session_id"]) >= 16
+    assert len(storefront_post(cutout_client, photo).json()["session_id"]) >= 16
 
     # load_single_effect: JSON with only the primary effect.
     single_json = storefront_post(
-        client, photo, "/api/v2/process-with-effects?load_single_effect=true&effect=color&effects=popart,color"
+        cutout_client, photo, "/api/v2/process-with-effects?load_single_effect=true&effect=color&effects=popart,color"
     ).json()
     assert list(single_json["effects"]) == ["color"] and single_json["progressive_mode"] is True
 
     # output_format=webp: data URLs that say they are WebP (the BiRefNet service's answer).
-    webp = storefront_post(client, photo, STOREFRONT_URL + "&output_format=webp").json()
+    webp = storefront_post(cutout_client, photo, STOREFRONT_URL + "&output_format=webp").json()
     for value in webp["effects"].values():
         mime, image = decode_effect(value)
         assert (mime, image.format, image.size, image.mode) == ("image/webp", "WEBP", (72, 56), "RGBA")
 
     # Single-image answer with the old `effect` parameter.
-    legacy = storefront_post(client, photo, "/api/v2/process-with-effects?effect=dithering")
+    legacy = storefront_post(cutout_client, photo, "/api/v2/process-with-effects?effect=dithering")
     assert (legacy.headers["content-type"], legacy.headers["x-effect"]) == ("image/png", "dithering")
 
 
 def test_remove_background_answers_the_cutout_as_image_bytes(
-    client_factory: Callable[..., TestClient], models_dir: Path
+    cutout_client: TestClient,
 ) -> None:
-    client = client_factory(models_dir=models_dir)
-    assert client.get("/ready").status_code == 200, client.get("/ready").text
     # pet-processor.js sends a generated PNG (opaque background) as `gemini-effect.png`, `?format=webp`.
-    source = images.png(90, 70, seed=8)
-    webp = client.post(
+    source = photos.png(90, 70, seed=8)
+    webp = cutout_client.post(
         "/remove-background?format=webp",
         files={"file": ("gemini-effect.png", source, "image/png")},
         headers={"Origin": ORIGIN},
@@ -311,21 +318,21 @@ def test_remove_background_answers_the_cutout_as_image_bytes(
         assert (image.format, image.size, image.mode) == ("WEBP", (90, 70), "RGBA")
         assert np.asarray(image)[:, :, 3].min() < 255, "the background is removed"
     # The old service's default format is WebP too; output_format=png gives the PNG.
-    default = client.post("/remove-background", files={"file": ("a.png", source, "image/png")})
+    default = cutout_client.post("/remove-background", files={"file": ("a.png", source, "image/png")})
     assert default.headers["content-type"] == "image/webp" and default.headers["x-cache"] == "HIT"
-    png = client.post(
+    png = cutout_client.post(
         "/remove-background?output_format=png&alpha_matting=true&quality=80",
         files={"file": ("a.png", source, "image/png")},
     )
     assert png.headers["content-type"] == "image/png"
     # Same cache as /v1: the cutout of this image in PNG.
-    current = client.post(
+    current = cutout_client.post(
         "/v1/process", data={"effects": "cutout"}, files={"image": ("a.png", source, "image/png")}
     ).json()
     assert current["results"]["cutout"]["cache"] == "hit"
     assert current["results"]["cutout"]["key"] == png.headers["etag"].strip('"')
     assert_error(
-        client.post(
+        cutout_client.post(
             "/remove-background?format=webp",
             files={"file": ("x.png", b"not an image" * 5, "image/png")},
             headers={"Origin": ORIGIN},
@@ -336,7 +343,7 @@ def test_remove_background_answers_the_cutout_as_image_bytes(
 
 
 def test_json_answers_are_gzipped_for_clients_that_take_it(
-    client_factory: Callable[..., TestClient], models_dir: Path
+    cutout_client: TestClient,
 ) -> None:
     from service.routes.compat import accepts_gzip
 
@@ -344,13 +351,11 @@ def test_json_answers_are_gzipped_for_clients_that_take_it(
     assert not accepts_gzip("") and not accepts_gzip("identity") and not accepts_gzip("gzip;q=0")
     assert not accepts_gzip("br, gzip;q=nonsense")
 
-    client = client_factory(models_dir=models_dir)
-    assert client.get("/ready").status_code == 200, client.get("/ready").text
-    photo = images.jpeg(64, 48, seed=9)
-    plain = storefront_post_with(client, photo, {"Accept-Encoding": "identity"})
+    photo = photos.jpeg(64, 48, seed=9)
+    plain = storefront_post_with(cutout_client, photo, {"Accept-Encoding": "identity"})
     assert "content-encoding" not in plain.headers
     assert "Accept-Encoding" in plain.headers["vary"].split(", ")
-    packed = storefront_post_with(client, photo, {"Accept-Encoding": "gzip, deflate, br, zstd"})
+    packed = storefront_post_with(cutout_client, photo, {"Accept-Encoding": "gzip, deflate, br, zstd"})
     assert packed.headers["content-encoding"] == "gzip"
     assert int(packed.headers["content-length"]) < len(plain.content)
     assert packed.json()["effects"] == plain.json()["effects"]  # httpx undoes the gzip, as a browser does

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from effects import DIFFUSION_EFFECTS, EFFECTS, diffusion_spec
-from tests import images
+from tests.support import photos
 
-PHOTO = images.png(48, 40, seed=5)
+PHOTO = photos.png(48, 40, seed=5)
 DIFFUSION = DIFFUSION_EFFECTS
 # The fewest steps the bounds allow keep each CPU job short; the defaults are covered by the contract test.
 FAST = {

@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from effects import DIFFUSION_EFFECTS, EFFECTS
-from tests import images
+from tests.support import photos
 
 STOCHASTIC = {"blackwhite", *DIFFUSION_EFFECTS}
-PHOTO = images.png(48, 40, seed=11)
+PHOTO = photos.png(48, 40, seed=11)
 
 
 def run(client: TestClient, effect: str, seed: int = 0, params: dict[str, Any] | None = None) -> Any:

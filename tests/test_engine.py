@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from effects.engine import Engine, ModelMissing, OutOfMemory
-from tests import images
+from tests.support import photos
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,11 @@ def engine_factory(models_dir: Path) -> Callable[..., Engine]:
     return make
 
 
-def photos(count: int) -> list[torch.Tensor]:
+def photo_tensors(count: int) -> list[torch.Tensor]:
     """Photos of different sizes and aspect ratios, as the engine receives them (C, H, W) uint8."""
     sizes = [(64, 48), (40, 90), (120, 120), (33, 17), (80, 60), (50, 150), (96, 64), (20, 20)]
     return [
-        torch.from_numpy(images.photo(*sizes[i % len(sizes)], seed=i)).permute(2, 0, 1).contiguous()
+        torch.from_numpy(photos.photo(*sizes[i % len(sizes)], seed=i)).permute(2, 0, 1).contiguous()
         for i in range(count)
     ]
 
@@ -52,7 +52,7 @@ def test_concurrent_masks_equal_sequential_ones_in_any_arrival_order(engine_fact
         engine = engine_factory()
         await engine.start()
         try:
-            inputs = [engine.prepare_mask_input(photo) for photo in photos(5)]
+            inputs = [engine.prepare_mask_input(photo) for photo in photo_tensors(5)]
             sequential = [await engine.mask(x) for x in inputs]
             batches_before = engine.batches_run
             order = list(range(len(inputs)))
@@ -90,7 +90,7 @@ def test_out_of_memory_splits_the_batch_then_fails_only_the_lone_image(
                 return real_forward(batch)
 
             monkeypatch.setattr(engine, "_forward", forward)
-            inputs = [engine.prepare_mask_input(photo) for photo in photos(4)]
+            inputs = [engine.prepare_mask_input(photo) for photo in photo_tensors(4)]
             inputs = [inputs[0]] * 4  # same shape, so one batch of four
             masks = await asyncio.gather(*(engine.mask(x) for x in inputs))
             assert max(seen) == 4 and seen.count(1) == 4, seen
@@ -114,7 +114,7 @@ def test_mask_cache_serves_the_second_effect_without_the_model(
     model_client: TestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine: Engine = model_client.app.state.engine  # type: ignore[attr-defined]
-    upload = images.jpeg(90, 70, seed=21)
+    upload = photos.jpeg(90, 70, seed=21)
     first = model_client.post(
         "/v1/process", data={"effects": "cutout"}, files={"image": ("a.jpg", upload, "image/jpeg")}
     )
@@ -154,7 +154,7 @@ def test_backgrounds_are_composited_from_the_mask(model_client: TestClient, monk
         return ramp.expand(batch.shape[0], 1, size, size).contiguous()
 
     monkeypatch.setattr(cutout, "forward", known_mask)
-    upload = images.png(64, 48, seed=404)
+    upload = photos.png(64, 48, seed=404)
 
     def effect(background: str, fmt: str = "png") -> np.ndarray:
         response = model_client.post(
@@ -210,10 +210,10 @@ def test_broken_checkpoint_leaves_classic_effects_serving(
     assert ready.status_code == 503
     detail = ready.json()["detail"]
     assert "cutout" in detail and "model.safetensors" in detail
-    cutout = client.post("/v1/process", data={"effects": "cutout"}, files={"image": ("a.jpg", images.jpeg(), "x")})
+    cutout = client.post("/v1/process", data={"effects": "cutout"}, files={"image": ("a.jpg", photos.jpeg(), "x")})
     assert cutout.status_code == 503 and cutout.json()["code"] == "model_unavailable"
     classic = client.post(
-        "/v1/process", data={"effects": "popart", "background": "none"}, files={"image": ("a.jpg", images.jpeg(), "x")}
+        "/v1/process", data={"effects": "popart", "background": "none"}, files={"image": ("a.jpg", photos.jpeg(), "x")}
     )
     assert classic.status_code == 200
 

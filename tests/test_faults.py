@@ -27,15 +27,23 @@ import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from PIL import Image
 
-from scripts.loadtest import big_jpeg
 from service.app import create_app
-from service.telemetry import install_tracing
-from tests import images
-from tests.conftest import make_settings, wait_loaded
-from tests.server import free_port, running_server, server_log
+from tests.support import ROOT, photos
+from tests.support.app import make_settings, wait_loaded
+from tests.support.client import (
+    assert_store_clean,
+    connect,
+    multipart_body,
+    multipart_head,
+    read_answer,
+    send_effect,
+    send_process,
+)
+from tests.support.server import free_port, running_server, server_log
+from tests.support.telemetry import exporting_spans
 
 CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
 
@@ -127,40 +135,12 @@ def note(status: int) -> None:
     FAULTS.setdefault(current_fault(), FaultRecord()).statuses.append(status)
 
 
-def post_effect(client: TestClient | httpx.Client, upload: bytes, effect: str, **fields: str) -> Any:
-    response = client.post(
-        f"/v1/effects/{effect}",
-        data={"background": "none", **fields},
-        files={"image": ("photo.jpg", upload, "image/jpeg")},
-    )
-    return follow(current_fault(), client, response)
+def post_effect(http: TestClient | httpx.Client, upload: bytes, effect: str, **fields: str) -> Any:
+    return follow(current_fault(), http, send_effect(http, upload, effect, **fields))
 
 
-def post_process(client: TestClient | httpx.Client, upload: bytes, **fields: str) -> Any:
-    response = client.post("/v1/process", data=fields, files={"image": ("photo.jpg", upload, "image/jpeg")})
-    return follow(current_fault(), client, response)
-
-
-def assert_store_clean(cache_dir: Path) -> int:
-    """No temporary file left behind, and every object matches the checksum written with it.
-
-    Returns how many results and masks the store holds (photos held for an order to keep,
-    `uploads/`, are checked but not counted: a request holds its photo while it computes). A
-    checksum sidecar without its object may remain after a failed write (the sidecar is written
-    first); it is never trusted on its own.
-    """
-    leftovers = [path for path in cache_dir.rglob(".tmp-*")]
-    assert not leftovers, f"temporary files left in the store: {leftovers}"
-    objects = 0
-    for path in cache_dir.rglob("*"):
-        if not path.is_file() or path.name.endswith(".sha256"):
-            continue
-        sidecar = path.with_name(path.name + ".sha256")
-        assert sidecar.is_file(), f"object without checksum: {path}"
-        expected = sidecar.read_text(encoding="ascii").strip()
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == expected, f"partial or corrupt object: {path}"
-        objects += path.parent.name != "uploads"
-    return objects
+def post_process(http: TestClient | httpx.Client, upload: bytes, **fields: str) -> Any:
+    return follow(current_fault(), http, send_process(http, upload, **fields))
 
 
 def result_path(cache_dir: Path, response: Any, extension: str = "png") -> Path:
@@ -183,7 +163,7 @@ def clean_results(client: TestClient, upload: bytes, effects: tuple[str, ...], *
 def test_a_store_failing_mid_request_serves_right_bytes_and_leaves_no_partial_object(
     client_factory: Callable[..., TestClient], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    upload = images.jpeg(160, 120, seed=3)
+    upload = photos.jpeg(160, 120, seed=3)
     expected = clean_results(client_factory(cache_dir=tmp_path / "clean"), upload, CLASSIC)
     cache_dir = tmp_path / "faulty"
     client = client_factory(cache_dir=cache_dir)
@@ -244,7 +224,7 @@ def test_corrupt_stored_bytes_are_never_served_and_are_repaired(
 ) -> None:
     cache_dir = tmp_path / "cache"
     client = client_factory(cache_dir=cache_dir)
-    upload = images.jpeg(160, 120, seed=4)
+    upload = photos.jpeg(160, 120, seed=4)
     first = post_effect(client, upload, "popart")
     assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
     stored = result_path(cache_dir, first)
@@ -293,18 +273,15 @@ class DownExporter(SpanExporter):  # type: ignore[misc]
 
 @pytest.fixture
 def trace_exporter_down() -> Iterator[DownExporter]:
-    exporter = DownExporter()
     # Synchronous: the failing export runs at the end of every span, inside the request itself.
-    processor = SimpleSpanProcessor(exporter)
-    install_tracing().add_span_processor(processor)
-    yield exporter
-    processor.shutdown()  # the provider keeps the processor; a shut-down exporter drops spans
+    with exporting_spans(DownExporter()) as exporter:
+        yield exporter
 
 
 def test_metrics_and_trace_exporters_down_leave_requests_alone(
     client_factory: Callable[..., TestClient], tmp_path: Path, trace_exporter_down: DownExporter
 ) -> None:
-    upload = images.jpeg(160, 120, seed=5)
+    upload = photos.jpeg(160, 120, seed=5)
     trace_exporter_down.enabled = False
     expected = clean_results(client_factory(cache_dir=tmp_path / "clean"), upload, ("dithering", "retro8bit"))
     trace_exporter_down.enabled = True
@@ -373,7 +350,7 @@ def cutout_request(client: TestClient, upload: bytes) -> Callable[[], Any]:
 
 
 def test_out_of_memory_inside_a_batch(model_app: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    uploads = [images.jpeg(160, 120, seed=seed) for seed in (11, 12, 13)]
+    uploads = [photos.jpeg(160, 120, seed=seed) for seed in (11, 12, 13)]
     cache_dir = empty_store(model_app)
     # Clean computation: one request at a time, so every mask is a batch of one.
     expected = [cutout_request(model_app, upload)() for upload in uploads]
@@ -421,7 +398,7 @@ def test_out_of_memory_inside_a_batch(model_app: TestClient, monkeypatch: pytest
 
 
 def test_a_corrupt_cached_mask_is_recomputed(model_app: TestClient) -> None:
-    upload = images.jpeg(160, 120, seed=14)
+    upload = photos.jpeg(160, 120, seed=14)
     cache_dir = empty_store(model_app)
     first = cutout_request(model_app, upload)()
     assert first.status_code == 200
@@ -451,7 +428,7 @@ def test_the_deadline_cancels_work_still_queued(model_app: TestClient, monkeypat
     monkeypatch.setattr(engine, "_forward", slow_forward)
     monkeypatch.setattr(engine, "mask_batch_size", 1)  # the second request waits behind the first
     monkeypatch.setattr(admission, "request_timeout_s", 1.5)
-    uploads = [images.jpeg(160, 120, seed=seed) for seed in (21, 22)]
+    uploads = [photos.jpeg(160, 120, seed=seed) for seed in (21, 22)]
     started = time.monotonic()
     answers = concurrently([cutout_request(model_app, upload) for upload in uploads])
     elapsed = time.monotonic() - started
@@ -498,7 +475,7 @@ def test_out_of_memory_at_every_step_answers_503_and_frees_the_device(
     engine = model_app.app.state.engine  # type: ignore[attr-defined]
     flow = model_app.app.state.flow  # type: ignore[attr-defined]
     admission = model_app.app.state.admission  # type: ignore[attr-defined]
-    upload = images.jpeg(160, 120, seed=40 + len(step))
+    upload = photos.jpeg(160, 120, seed=40 + len(step))
     fields = {"background": "white"}
     released: list[int] = []
     real_release = engine_module.release_device_memory
@@ -552,7 +529,7 @@ def test_a_failed_effect_cancels_the_rest_and_nothing_is_written_after_the_answe
 
     cache_dir = tmp_path / "cache"
     client = client_factory(cache_dir=cache_dir)
-    upload = images.jpeg(320, 240, seed=50)
+    upload = photos.jpeg(320, 240, seed=50)
     ran: list[str] = []
     originals = dict(EFFECTS)
 
@@ -612,7 +589,7 @@ def test_the_device_memory_budget_queues_work_instead_of_running_out(
     client = client_factory(cache_dir=tmp_path / "cache")
     engine = client.app.state.engine  # type: ignore[attr-defined]
     flow = client.app.state.flow  # type: ignore[attr-defined]
-    uploads = [images.jpeg(640, 480, seed=seed) for seed in (60, 61)]
+    uploads = [photos.jpeg(640, 480, seed=seed) for seed in (60, 61)]
     one = engine.working_bytes(480, 640, 3, 2048, mask=False)
     engine.work_memory_limit = int(one * 1.5)  # room for one request, not two
     answers = concurrently(
@@ -635,71 +612,15 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path
     """A real `python -m service`: at most 2 processing requests at once, a 3 s deadline."""
     workdir = tmp_path_factory.mktemp("faults-server")
     env = {"CUTOUT_MAX_QUEUE": "2", "CUTOUT_REQUEST_TIMEOUT_S": "3", "CUTOUT_LOG_FORMAT": "json"}
-    with running_server(workdir, env) as base:
-        yield base, workdir
+    with running_server(workdir, env) as server:
+        yield server.url, workdir
 
 
 def access_statuses(workdir: Path) -> list[int]:
-    statuses = []
-    for log in workdir.glob("server-*.log"):
-        for line in log.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("logger") == "cutout.access":
-                statuses.append(int(entry["status"]))
-            assert entry.get("message") != "unhandled error", line
-    return statuses
-
-
-def multipart_head(url: str, body_length: int, boundary: str = "cutoutboundary") -> bytes:
-    port = url.rsplit(":", 1)[1]
-    return (
-        f"POST /v1/process HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {body_length}\r\n\r\n"
-    ).encode()
-
-
-def multipart_body(upload: bytes, boundary: str = "cutoutboundary") -> bytes:
-    fields = {"effects": "popart", "background": "none"}
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n".encode()
-        + upload
-        + b"\r\n"
-    )
-    return b"".join(parts) + f"--{boundary}--\r\n".encode()
-
-
-def connect(url: str) -> socket.socket:
-    port = int(url.rsplit(":", 1)[1])
-    return socket.create_connection(("127.0.0.1", port), timeout=10)
-
-
-def read_answer(sock: socket.socket, timeout_s: float = 10.0, data: bytes = b"") -> tuple[int, dict[str, str], bytes]:
-    """Read one HTTP/1.1 answer with a Content-Length body from a raw socket (`data`: read already)."""
-    sock.settimeout(timeout_s)
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed before an answer: {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    length = int(headers.get("content-length", "0"))
-    while len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, headers, body
+    """The statuses of the server's access log lines; no request may have ended in an unhandled error."""
+    entries = server_log(workdir)
+    assert not [entry for entry in entries if entry.get("message") == "unhandled error"], entries
+    return [int(entry["status"]) for entry in entries if entry.get("logger") == "cutout.access"]
 
 
 def assert_server_healthy(base: str, workdir: Path, upload: bytes, expected: bytes) -> None:
@@ -714,7 +635,7 @@ def assert_server_healthy(base: str, workdir: Path, upload: bytes, expected: byt
 
 @pytest.fixture
 def expected_popart(client_factory: Callable[..., TestClient]) -> tuple[bytes, bytes]:
-    upload = images.jpeg(200, 150, seed=31)
+    upload = photos.jpeg(200, 150, seed=31)
     return upload, clean_results(client_factory(), upload, ("popart",))["popart"]
 
 
@@ -805,7 +726,10 @@ def test_beyond_max_queue_requests_are_refused_at_once_without_reading_the_body(
         assert elapsed < 1.0
         with httpx.Client(base_url=base, timeout=30) as http:
             assert http.get("/health").status_code == 200, "reads are not counted"
-            assert http.get("/ready").status_code in (200, 503)
+            # The probe gives its own verdict, never `overloaded`: here (no weights) "the cutout model is missing".
+            ready = http.get("/ready")
+            assert ready.status_code == 503 and ready.json()["code"] == "not_ready", ready.text
+            assert ready.json()["models"]["cutout"]["status"] == "missing", ready.text
     finally:
         for sock in holders:
             sock.close()
@@ -817,7 +741,7 @@ def test_clients_exactly_at_max_queue_are_never_refused(server: tuple[str, Path]
     """A place is free again as soon as its answer is out: two clients sending back to back
     against CUTOUT_MAX_QUEUE=2 are never refused, uploads large enough to spool to disk included."""
     base, workdir = server
-    upload = big_jpeg(1.5)
+    upload = photos.big_jpeg(1.5)
 
     def client_loop() -> list[int]:
         with httpx.Client(base_url=base, timeout=30) as http:
@@ -862,8 +786,6 @@ engine.compose = compose
 
 @pytest.fixture(scope="module")
 def faulty_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    from tests.server import ROOT
-
     workdir = tmp_path_factory.mktemp("faults-injected")
     (workdir / "inject").mkdir()
     (workdir / "inject" / "sitecustomize.py").write_text(FAULT_INJECTOR)
@@ -872,25 +794,25 @@ def faulty_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
         "CUTOUT_LOG_FORMAT": "json",
         "CUTOUT_ALLOWED_ORIGINS": "https://shop.example",
     }
-    with running_server(workdir, env) as base:
-        yield base, workdir
+    with running_server(workdir, env) as server:
+        yield server.url, workdir
 
 
 def test_a_real_server_answers_out_of_memory_and_bugs_as_json_with_cors(faulty_server: tuple[str, Path]) -> None:
     base, workdir = faulty_server
     with httpx.Client(base_url=base, timeout=30, headers={"Origin": "https://shop.example"}) as http:
-        oom = post_effect(http, images.jpeg(301, 200, seed=70), "popart")
+        oom = post_effect(http, photos.jpeg(301, 200, seed=70), "popart")
         assert oom.status_code == 503, oom.text
         assert oom.json()["code"] == "out_of_memory" and int(oom.headers["retry-after"]) > 0
         assert oom.headers["access-control-allow-origin"] == "https://shop.example"
 
-        bug = post_effect(http, images.jpeg(302, 200, seed=71), "popart")
+        bug = post_effect(http, photos.jpeg(302, 200, seed=71), "popart")
         assert bug.status_code == 500, bug.text
         body = bug.json()
         assert body["code"] == "internal_error"
         assert bug.headers["access-control-allow-origin"] == "https://shop.example", "CORS wraps a bug's answer"
         assert bug.headers["x-request-id"] == body["request_id"]
-        fine = post_effect(http, images.jpeg(300, 200, seed=72), "popart")
+        fine = post_effect(http, photos.jpeg(300, 200, seed=72), "popart")
         assert fine.status_code == 200
     logged = [entry for entry in server_log(workdir) if entry.get("request_id") == body["request_id"]]
     assert logged and "ValueError: an injected bug" in logged[0]["message"], "the log carries the request id"
@@ -898,24 +820,13 @@ def test_a_real_server_answers_out_of_memory_and_bugs_as_json_with_cors(faulty_s
 
 def test_a_client_going_away_cancels_its_work(faulty_server: tuple[str, Path]) -> None:
     base, workdir = faulty_server
-    upload = images.jpeg(303, 200, seed=73)  # its background step takes 2 s
-    boundary = "cutoutboundary"
+    upload = photos.jpeg(303, 200, seed=73)  # its background step takes 2 s
     fields = {"effects": "popart,dithering,retro8bit", "background": "none"}
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-        for name, value in fields.items()
-    ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
-        "Content-Type: image/jpeg\r\n\r\n".encode()
-        + upload
-        + b"\r\n"
-    )
-    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    body = multipart_body(upload, fields)
     results = workdir / "cache" / "results"
     before = set(results.glob("*"))
     sock = connect(base)
-    sock.sendall(multipart_head(base, len(body), boundary) + body)
+    sock.sendall(multipart_head(base, len(body)) + body)
     time.sleep(0.7)  # the request is inside its background step
     sock.close()
     time.sleep(3.0)  # longer than the step: had the work gone on, its results would be stored by now

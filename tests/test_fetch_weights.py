@@ -11,7 +11,6 @@ import hashlib
 import http.server
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -23,8 +22,9 @@ from effects import DIFFUSION_EFFECTS, diffusion_spec
 from effects import weights as fetch_weights
 from effects.inspyrenet import MANIFEST_FILE, MODEL_DIR
 from effects.weights import CheckpointSource
-from tests import images
-from tests.server import ROOT, free_port, running_server
+from tests.support import ROOT, photos
+from tests.support.client import send_process
+from tests.support.server import free_port, running_server
 from tests.support.weights import random_inspyrenet_state
 
 
@@ -111,21 +111,16 @@ def test_first_run_fetches_converts_and_the_server_removes_backgrounds(
     assert capsys.readouterr() == ("", "")
 
     # And the server started next (as `make run` does) removes backgrounds.
-    upload = images.png(64, 48, seed=1)
-    with running_server(tmp_path, {"CUTOUT_MODELS_DIR": str(models), "CUTOUT_PUBLIC_URL": ""}) as base:
-        deadline = time.monotonic() + 240
-        while httpx.get(f"{base}/ready", timeout=10).status_code != 200:
-            assert time.monotonic() < deadline, "the model never became ready"
-            time.sleep(0.5)
-        response = httpx.post(
-            f"{base}/v1/process",
-            data={"effects": "cutout", "background": "transparent"},
-            files={"image": ("cat.png", upload, "image/png")},
-            timeout=300,
-        )
+    upload = photos.png(64, 48, seed=1)
+    env = {"CUTOUT_MODELS_DIR": str(models), "CUTOUT_PUBLIC_URL": ""}
+    with (
+        running_server(tmp_path, env, wait_for="/ready") as server,
+        httpx.Client(base_url=server.url, timeout=300) as client,
+    ):
+        response = send_process(client, upload, effects="cutout", background="transparent")
         assert response.status_code == 200, response.text
         result = response.json()["results"]["cutout"]
-        assert httpx.get(result["url"], timeout=30).status_code == 200
+        assert client.get(result["url"]).status_code == 200
 
 
 def test_offline_says_in_one_line_how_to_get_test_weights(

@@ -29,25 +29,21 @@ from PIL import Image
 import cache.gcs
 from cache.gcs import GcsStore
 from cache.store import IMMUTABLE_CACHE_CONTROL, StoreError
-from tests import images
-from tests.recording_proxy import Recorded, RecordingProxy
+from tests.support import photos
+from tests.support.client import send_process
+from tests.support.recording_proxy import Recorded, RecordingProxy
+from tests.support.server import free_port
 
 BUCKET = "cutout-results-test"
 CDN = "https://cdn.example"
 ORIGIN = "https://shop.example"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class Emulator:
     """`gcp-storage-emulator` in memory on a loopback port, with one bucket."""
 
     def __init__(self, log_path: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
@@ -125,10 +121,6 @@ def storage_error(status: int, reason: str) -> bytes:
     return json.dumps({"error": {"code": status, "message": reason, "errors": [{"reason": reason}]}}).encode()
 
 
-def png(seed: int, width: int = 40, height: int = 30) -> bytes:
-    return images.png(width, height, seed=seed)
-
-
 def make_store(**options: Any) -> GcsStore:
     return GcsStore(bucket=BUCKET, cdn_url=CDN, **options)
 
@@ -139,7 +131,7 @@ def make_store(**options: Any) -> GcsStore:
 def test_write_read_lookup_and_urls(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
     name = "results/" + "a" * 64 + ".png"
-    data = png(1)
+    data = photos.png(40, 30, seed=1)
     assert store.get(name) is None
     assert store.lookup(name) is None
 
@@ -161,7 +153,7 @@ def test_write_read_lookup_and_urls(proxy: RecordingProxy, emulator: Emulator) -
 def test_lookup_without_size_metadata_reads_and_verifies_the_bytes(proxy: RecordingProxy) -> None:
     store = make_store()
     name = "masks/" + "b" * 64 + "-model.png"
-    data = png(2, 24, 16)
+    data = photos.png(24, 16, seed=2)
     store.put(name, data, "image/png")
     assert store.lookup(name) == (24, 16, len(data))
     downloads = proxy.recorded(lambda r: r.method == "GET" and r.query.get("alt") == ["media"])
@@ -183,7 +175,7 @@ def test_every_upload_says_if_generation_match_0(proxy: RecordingProxy) -> None:
 def test_412_from_storage_means_already_stored(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
     name = "results/" + "d" * 64 + ".png"
-    first, second = png(3), png(4)
+    first, second = photos.png(40, 30, seed=3), photos.png(40, 30, seed=4)
     store.put(name, first, "image/png", {"width": "40", "height": "30"})
     # What real storage answers a second writer; the emulator would have overwritten instead.
     proxy.inject(
@@ -202,7 +194,7 @@ def test_a_corrupt_object_is_a_miss_and_the_repair_replaces_exactly_that_version
 ) -> None:
     store = make_store()
     name = "results/" + "e" * 64 + ".png"
-    good, bad = png(5), png(6)
+    good, bad = photos.png(40, 30, seed=5), photos.png(40, 30, seed=6)
     store.put(name, good, "image/png", {"width": "40", "height": "30"})
     corrupt_generation = corrupt(emulator, name, bad)
 
@@ -293,12 +285,8 @@ def test_service_results_live_in_the_bucket_with_cdn_urls(
     proxy: RecordingProxy, emulator: Emulator, gcs_client: Callable[..., TestClient]
 ) -> None:
     client = gcs_client()
-    upload = images.png(48, 32, seed=7)
-    response = client.post(
-        "/v1/process",
-        data={"effects": "dithering,popart", "background": "none"},
-        files={"image": ("p.png", upload, "image/png")},
-    )
+    upload = photos.png(48, 32, seed=7)
+    response = send_process(client, upload, effects="dithering,popart", background="none")
     assert response.status_code == 200, response.text
     results = response.json()["results"]
     bucket = emulator.client().bucket(BUCKET)
@@ -332,12 +320,12 @@ def test_service_recomputes_and_repairs_a_corrupt_result(
     proxy: RecordingProxy, emulator: Emulator, gcs_client: Callable[..., TestClient]
 ) -> None:
     client = gcs_client()
-    upload = images.png(48, 32, seed=8)
+    upload = photos.png(48, 32, seed=8)
     first = post_effect(client, upload)
     assert first.status_code == 200 and first.headers["x-cache"] == "MISS"
     assert post_effect(client, upload).headers["x-cache"] == "HIT"
     key = first.headers["etag"].strip('"')
-    generation = corrupt(emulator, f"results/{key}.png", png(9, 48, 32))
+    generation = corrupt(emulator, f"results/{key}.png", photos.png(48, 32, seed=9))
 
     proxy.clear()
     recomputed = post_effect(client, upload)
@@ -363,7 +351,7 @@ def test_a_412_on_a_concurrent_write_is_a_miss_not_a_bypass(
         headers={"Content-Type": "application/json"},
         body=storage_error(412, "conditionNotMet"),
     )
-    response = post_effect(client, images.png(48, 32, seed=10))
+    response = post_effect(client, photos.png(48, 32, seed=10))
     assert response.status_code == 200
     assert response.headers["x-cache"] == "MISS"
     assert [r.status for r in proxy.recorded(is_result_upload)] == [412]
@@ -375,7 +363,7 @@ def test_storage_going_away_mid_test_serves_uncached_quickly(
 ) -> None:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
     client = gcs_client()
-    upload = images.png(48, 32, seed=11)
+    upload = photos.png(48, 32, seed=11)
     before = post_effect(client, upload)
     assert before.headers["x-cache"] == "MISS"
     assert post_effect(client, upload).headers["x-cache"] == "HIT"
@@ -431,7 +419,7 @@ def in_days(days: float) -> dt.datetime:
 
 def test_keep_writes_once_with_its_date_in_the_same_request(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
-    data = png(20)
+    data = photos.png(40, 30, seed=20)
     name = kept_name(data)
     until = in_days(7)
 
@@ -447,12 +435,12 @@ def test_keep_writes_once_with_its_date_in_the_same_request(proxy: RecordingProx
     assert store.get(name) == data
     assert store.kept_url(name) == f"{CDN}/cache/{name}"
     with pytest.raises(ValueError, match="sha256"):
-        store.keep(kept_name(png(21)), data, "image/png", until)
+        store.keep(kept_name(photos.png(40, 30, seed=21)), data, "image/png", until)
 
 
 def test_a_later_keep_lengthens_an_earlier_one_never_shortens(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
-    data = png(22)
+    data = photos.png(40, 30, seed=22)
     name = kept_name(data)
     week, half_year = in_days(7), in_days(180)
     store.keep(name, data, "image/png", week)
@@ -474,7 +462,7 @@ def test_a_later_keep_lengthens_an_earlier_one_never_shortens(proxy: RecordingPr
 
 def test_a_keep_racing_another_reads_again_instead_of_overwriting(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
-    data = png(23)
+    data = photos.png(40, 30, seed=23)
     name = kept_name(data)
     store.keep(name, data, "image/png", in_days(7))
     # Real storage answers 412 when the metageneration moved (another keep patched first).
@@ -492,10 +480,10 @@ def test_a_keep_racing_another_reads_again_instead_of_overwriting(proxy: Recordi
 
 def test_a_corrupt_kept_object_is_replaced_with_the_right_bytes(proxy: RecordingProxy, emulator: Emulator) -> None:
     store = make_store()
-    data = png(24)
+    data = photos.png(40, 30, seed=24)
     name = kept_name(data)
     store.keep(name, data, "image/png", in_days(30))
-    corrupt_generation = corrupt(emulator, name, png(25))
+    corrupt_generation = corrupt(emulator, name, photos.png(40, 30, seed=25))
 
     assert store.get(name) is None, "bytes that fail their sha256 are never served"
 
@@ -514,7 +502,7 @@ def test_keeping_past_the_backstop_age_renews_the_object(
     # object written 8 days ago cannot be promised 5 more days by a date alone: the same bytes are
     # written as a new generation, which restarts the object's age, and the date is carried over.
     store = make_store(kept_max_age_days=10)
-    data = png(26)
+    data = photos.png(40, 30, seed=26)
     name = kept_name(data)
     store.keep(name, data, "image/png", in_days(5))
     generation = emulator.client().bucket(BUCKET).get_blob(name).generation
@@ -533,7 +521,7 @@ def test_keeping_past_the_backstop_age_renews_the_object(
 
 def test_a_keep_longer_than_the_backstop_allows_is_refused_not_promised(proxy: RecordingProxy) -> None:
     store = make_store(kept_max_age_days=10)
-    data = png(29)
+    data = photos.png(40, 30, seed=29)
     with pytest.raises(StoreError, match="backstop"):
         store.keep(kept_name(data), data, "image/png", in_days(30))
     assert not proxy.recorded(is_upload)
@@ -543,12 +531,8 @@ def test_service_keeps_an_orders_pictures_in_the_bucket(
     proxy: RecordingProxy, emulator: Emulator, gcs_client: Callable[..., TestClient]
 ) -> None:
     client = gcs_client()
-    upload = images.png(48, 32, seed=27)
-    processed = client.post(
-        "/v1/process",
-        data={"effects": "dithering,popart", "background": "none"},
-        files={"image": ("p.png", upload, "image/png")},
-    )
+    upload = photos.png(48, 32, seed=27)
+    processed = send_process(client, upload, effects="dithering,popart", background="none")
     assert processed.status_code == 200, processed.text
     sha = hashlib.sha256(upload).hexdigest()
     bucket = emulator.client().bucket(BUCKET)
@@ -592,7 +576,7 @@ def test_service_answers_503_when_a_keep_cannot_be_written(
     response = client.post(
         "/store-image",
         data={"session_id": "pet_1_1", "image_type": "original", "tier": "temporary"},
-        files={"file": ("cat.png", images.png(40, 30, seed=28), "image/png")},
+        files={"file": ("cat.png", photos.png(40, 30, seed=28), "image/png")},
         headers={"Origin": ORIGIN},
     )
     assert response.status_code == 503, response.text

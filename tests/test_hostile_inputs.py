@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from tests import images
-from tests.server import running_server, server_log
+from tests.support import photos
+from tests.support.server import running_server, server_log
 
 ORIGIN = "https://shop.example"
-PHOTO = images.jpeg(120, 90, seed=1)
+PHOTO = photos.jpeg(120, 90, seed=1)
 
 
 def heic_with_small_container(width: int = 640, height: int = 512) -> bytes:
@@ -103,7 +103,7 @@ CASES: list[tuple[str, str, dict[str, str], bytes | None, int]] = [
     ("image_sha256 nested JSON", "/v1/process", {"effects": "popart", "image_sha256": deep(10_000)}, None, 400),
     ("HEIC container 16x16, codec 640x512", "/v1/process", {"effects": "popart"}, heic_with_small_container(), 415),
     ("PNG text chunk past the decoder limit", "/v1/process", {"effects": "popart"}, png_text_bomb(), 415),
-    ("PNG header of 30000x30000", "/v1/process", {"effects": "popart"}, images.png_header_bomb(), 413),
+    ("PNG header of 30000x30000", "/v1/process", {"effects": "popart"}, photos.png_header_bomb(), 413),
     ("truncated JPEG", "/v1/process", {"effects": "popart"}, truncated_jpeg(), 415),
 ]
 
@@ -112,8 +112,8 @@ CASES: list[tuple[str, str, dict[str, str], bytes | None, int]] = [
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     workdir = tmp_path_factory.mktemp("hostile")
     env = {"CUTOUT_LOG_FORMAT": "json", "CUTOUT_ALLOWED_ORIGINS": ORIGIN}
-    with running_server(workdir, env) as base:
-        yield base, workdir
+    with running_server(workdir, env) as server:
+        yield server.url, workdir
 
 
 @pytest.mark.parametrize(("name", "route", "fields", "image", "status"), CASES, ids=[case[0] for case in CASES])

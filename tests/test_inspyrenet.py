@@ -33,8 +33,8 @@ from effects.inspyrenet import (
     weights_digest,
 )
 from effects.weights import WeightsFetchError, convert_checkpoint, file_md5, package_checkpoint_source
-from tests.images import photo
 from tests.support.budget import flops_per_forward
+from tests.support.photos import photo
 from tests.support.weights import write_inspyrenet
 
 CPU = torch.device("cpu")

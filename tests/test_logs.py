@@ -14,24 +14,23 @@ from opentelemetry import trace
 
 from service.logs import CloudLoggingFormatter, TextFormatter
 from service.telemetry import install_tracing
-from tests import images
-from tests.server import running_server
+from tests.support import photos
+from tests.support.server import running_server
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_IP = "203.0.113.77"
 
 
-def read_lines(tmp_path: Path, base: str) -> list[dict[str, Any]]:
-    port = base.rsplit(":", 1)[1]
-    lines = (tmp_path / f"server-{port}.log").read_text().splitlines()
+def read_lines(log_path: Path) -> list[dict[str, Any]]:
+    lines = log_path.read_text().splitlines()
     assert lines, "the server wrote no log"
     return [json.loads(line) for line in lines if line.strip()]  # every line is one JSON object
 
 
 def test_json_lines_from_the_real_server(tmp_path: Path) -> None:
     env = {"CUTOUT_GCP_PROJECT": "cutout-prod", "CUTOUT_LOG_FORMAT": "json", "CUTOUT_TRUSTED_PROXY_HOPS": "2"}
-    upload = images.jpeg(64, 48)
-    with running_server(tmp_path, env) as base, httpx.Client(base_url=base, timeout=60) as http:
+    upload = photos.jpeg(64, 48)
+    with running_server(tmp_path, env) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         response = http.post(
             "/v1/process",
             data={"effects": "popart,dithering", "background": "none"},
@@ -48,7 +47,7 @@ def test_json_lines_from_the_real_server(tmp_path: Path) -> None:
             files={"image": ("x.png", b"nope", "image/png")},
         )
         assert bad.status_code == 415
-    entries = read_lines(tmp_path, base)
+    entries = read_lines(server.log_path)
 
     for entry in entries:
         assert entry["severity"] in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}, entry
@@ -78,7 +77,7 @@ def test_json_lines_from_the_real_server(tmp_path: Path) -> None:
     assert any(entry["path"] == "/health" for entry in access)
 
     # No personal data and no image bytes anywhere: no client address, no file name, short lines.
-    text = (tmp_path / f"server-{base.rsplit(':', 1)[1]}.log").read_text()
+    text = server.log_path.read_text()
     assert CLIENT_IP not in text and "my-cat" not in text
     assert all(len(json.dumps(entry)) < 4000 for entry in access)
 

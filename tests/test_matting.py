@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import effects.matting as matting
 from effects.matting import estimate_foreground
-
-
-def _blur(plane: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, int(3 * sigma))
-    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2) / (2 * sigma**2))
-    taps = taps / taps.sum()
-    x = F.pad(plane[None, None], (radius, radius, 0, 0), mode="replicate")
-    x = F.conv2d(x, taps.view(1, 1, 1, -1))
-    x = F.pad(x, (0, 0, radius, radius), mode="replicate")
-    return F.conv2d(x, taps.view(1, 1, -1, 1))[0, 0]
+from tests.support.photos import blur, visible_error
 
 
 def composite(height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -45,7 +35,7 @@ def composite(height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.T
         ]
     ).clamp(0, 1)
     body = ((((x - 0.5) / 0.3) ** 2 + ((y - 0.55) / 0.35) ** 2) < 1).float()
-    alpha = _blur(body, 2.0 * height / 256)
+    alpha = blur(body, 2.0 * height / 256)
     strands = torch.zeros(height, width)
     rows = torch.linspace(0.05, 0.5, 4 * height)
     for _ in range(40):
@@ -54,19 +44,12 @@ def composite(height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.T
         strands[(rows * height).long().clamp(0, height - 1), (columns * width).long().clamp(0, width - 1)] = (
             0.3 + 0.6 * opacity
         )
-    alpha = torch.maximum(alpha, (_blur(strands, 0.6 * height / 256) * 2).clamp(0, 1))
+    alpha = torch.maximum(alpha, (blur(strands, 0.6 * height / 256) * 2).clamp(0, 1))
     veil = ((x > 0.05) & (x < 0.2) & (y > 0.6) & (y < 0.9)).float() * 0.5
-    alpha = torch.maximum(alpha, _blur(veil, 1.5)).clamp(0, 1)
+    alpha = torch.maximum(alpha, blur(veil, 1.5)).clamp(0, 1)
     image = alpha * foreground + (1 - alpha) * background
     image = (image * 255).round() / 255  # an 8-bit photo
     return image[None], alpha[None, None], foreground
-
-
-def visible_error(estimate: torch.Tensor, truth: torch.Tensor, alpha: torch.Tensor) -> float:
-    """Mean |F̂ − F| over the soft pixels, weighted by how much of each pixel is subject (its alpha)."""
-    soft = (alpha > 0.004) & (alpha < 0.996)
-    weighted = alpha * (estimate - truth).abs().mean(dim=0)
-    return float(weighted[soft].sum() / alpha[soft].sum())
 
 
 @pytest.mark.parametrize(("height", "width", "seed"), [(256, 256, 0), (300, 200, 1), (384, 512, 2), (768, 1024, 3)])

@@ -7,93 +7,20 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import grpc
 import pytest
 from fastapi.testclient import TestClient
 from google.api.metric_pb2 import MetricDescriptor
-from google.cloud.monitoring_v3.types import CreateTimeSeriesRequest
 
-from service.metrics import MAX_SERIES_PER_CALL, Metrics, MonitoringExporter, monitoring_client
+from service.metrics import Metrics, MonitoringExporter, monitoring_client
 from service.settings import Settings
-from tests import images
-from tests.server import free_port
+from tests.support import photos
+from tests.support.server import free_port
+from tests.support.telemetry import PROJECT, LocalMonitoring
 
-PROJECT = "cutout-test-project"
 MetricKind = MetricDescriptor.MetricKind
 ValueType = MetricDescriptor.ValueType
-
-
-class LocalMonitoring:
-    """`google.monitoring.v3.MetricService/CreateTimeSeries` on 127.0.0.1, enforcing the API's limits.
-
-    Like Cloud Monitoring it refuses a call with more than 200 series, a series twice in one call,
-    and a point less than 5 s after the previous point of the same series.
-    """
-
-    def __init__(self, *, delay_s: float = 0.0) -> None:
-        self.delay_s = delay_s
-        self.requests: list[CreateTimeSeriesRequest] = []
-        self.refusals: list[str] = []
-        self.last_point: dict[str, float] = {}
-        self.lock = threading.Lock()
-        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
-        handler = grpc.method_handlers_generic_handler(
-            "google.monitoring.v3.MetricService",
-            {
-                "CreateTimeSeries": grpc.unary_unary_rpc_method_handler(
-                    self.create_time_series,
-                    request_deserializer=CreateTimeSeriesRequest.deserialize,
-                    response_serializer=lambda _: b"",  # google.protobuf.Empty
-                )
-            },
-        )
-        self.server.add_generic_rpc_handlers((handler,))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        self.server.start()
-        self.endpoint = f"127.0.0.1:{self.port}"
-
-    def create_time_series(self, request: CreateTimeSeriesRequest, context: grpc.ServicerContext) -> None:
-        time.sleep(self.delay_s)
-        with self.lock:
-            problem = self._check(request)
-            if problem:
-                self.refusals.append(problem)
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-            self.requests.append(request)
-
-    def _check(self, request: CreateTimeSeriesRequest) -> str | None:
-        if request.name != f"projects/{PROJECT}":
-            return f"wrong project {request.name}"
-        if len(request.time_series) > MAX_SERIES_PER_CALL:
-            return f"{len(request.time_series)} series in one call"
-        seen: set[str] = set()
-        for series in request.time_series:
-            key = series_key(series)
-            if key in seen:
-                return f"series {key} twice in one call"
-            seen.add(key)
-            if len(series.points) != 1:
-                return "exactly one point per series"
-            end = series.points[0].interval.end_time.timestamp()
-            last = self.last_point.get(key)
-            if last is not None and end - last < 5.0:
-                return f"series {key} written {end - last:.1f} s after its previous point"
-        for series in request.time_series:
-            self.last_point[series_key(series)] = series.points[0].interval.end_time.timestamp()
-        return None
-
-    def series(self) -> list[Any]:
-        return [series for request in self.requests for series in request.time_series]
-
-    def stop(self) -> None:
-        self.server.stop(grace=None)
-
-
-def series_key(series: Any) -> str:
-    return f"{series.metric.type}{sorted(series.metric.labels.items())}{sorted(series.resource.labels.items())}"
 
 
 @pytest.fixture
@@ -118,7 +45,7 @@ def process(client: TestClient, effects: str = "popart") -> float:
     response = client.post(
         "/v1/process",
         data={"effects": effects, "background": "none"},
-        files={"image": ("cat.jpg", images.jpeg(64, 48), "image/jpeg")},
+        files={"image": ("cat.jpg", photos.jpeg(64, 48), "image/jpeg")},
     )
     assert response.status_code == 200, response.text
     return time.perf_counter() - started

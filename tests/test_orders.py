@@ -9,8 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,8 +19,9 @@ from fastapi.testclient import TestClient
 
 import cache.store
 import service.routes.orders
-from tests import images
-from tests.server import ROOT, running_server
+from tests.support import ROOT, photos
+from tests.support.browser import require_browser_tools, run_browser_script, static_site
+from tests.support.server import running_server
 
 ORIGIN = "https://shop.example"
 
@@ -54,7 +53,7 @@ def days_from_now(moment: dt.datetime) -> float:
 
 
 def test_an_order_keeps_its_results_and_original_by_link_and_hash(client: TestClient, tmp_path: Path) -> None:
-    upload = images.png(48, 32, seed=1)
+    upload = photos.png(48, 32, seed=1)
     processed = process(client, upload)
     sha = hashlib.sha256(upload).hexdigest()
     urls = [result["url"] for result in processed["results"].values()]
@@ -79,7 +78,7 @@ def test_an_order_keeps_its_results_and_original_by_link_and_hash(client: TestCl
 
 
 def test_kept_pictures_outlive_the_cache(client: TestClient, tmp_path: Path) -> None:
-    upload = images.png(48, 32, seed=2)
+    upload = photos.png(48, 32, seed=2)
     processed = process(client, upload, "popart")
     # The photo sent again with the keep, as a file.
     response = client.post(
@@ -101,7 +100,7 @@ def test_kept_pictures_outlive_the_cache(client: TestClient, tmp_path: Path) -> 
 
 
 def test_a_later_keep_lengthens_an_earlier_one_and_never_shortens(client: TestClient) -> None:
-    upload = images.png(40, 30, seed=3)
+    upload = photos.png(40, 30, seed=3)
     sha = hashlib.sha256(upload).hexdigest()
     process(client, upload, "dithering")
     first = keep(client, image_sha256=sha).json()["original"]
@@ -117,7 +116,7 @@ def test_a_later_keep_lengthens_an_earlier_one_and_never_shortens(client: TestCl
 
 def test_an_order_lengthens_the_links_its_cart_holds(client: TestClient) -> None:
     """The theme's cart holds /store-image links (7 days); once ordered, the same links are kept 180 days."""
-    original, processed = images.jpeg(64, 48, seed=13), images.png(64, 48, seed=14)
+    original, processed = photos.jpeg(64, 48, seed=13), photos.png(64, 48, seed=14)
     cart = [
         client.post(
             "/store-image",
@@ -138,7 +137,7 @@ def test_an_order_lengthens_the_links_its_cart_holds(client: TestClient) -> None
 
 
 def test_a_keep_ends_when_its_date_passes(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    upload = images.png(40, 30, seed=4)
+    upload = photos.png(40, 30, seed=4)
     response = client.post("/v1/keep", files={"image": ("cat.png", upload, "image/png")})
     entry = response.json()["original"]
     assert client.get(entry["url"]).status_code == 200
@@ -154,7 +153,7 @@ def test_a_keep_ends_when_its_date_passes(client: TestClient, monkeypatch: pytes
 
 
 def test_another_customers_picture_never_replaces_a_kept_one(client: TestClient) -> None:
-    mine, theirs = images.png(40, 30, seed=5), images.png(40, 30, seed=6)
+    mine, theirs = photos.png(40, 30, seed=5), photos.png(40, 30, seed=6)
     kept_mine = client.post("/v1/keep", files={"image": ("cat.png", mine, "image/png")}).json()["original"]
     kept_theirs = client.post(
         "/store-image",
@@ -167,7 +166,7 @@ def test_another_customers_picture_never_replaces_a_kept_one(client: TestClient)
 
 
 def test_the_photo_is_held_only_after_being_processed(client: TestClient, tmp_path: Path) -> None:
-    upload = images.png(40, 30, seed=7)
+    upload = photos.png(40, 30, seed=7)
     sha = hashlib.sha256(upload).hexdigest()
     unknown = keep(client, image_sha256=sha)
     assert unknown.status_code == 404 and unknown.json()["code"] == "image_not_cached"
@@ -195,7 +194,7 @@ def test_the_photo_is_held_only_after_being_processed(client: TestClient, tmp_pa
         ({}, {"image": ("x.txt", b"hello, not a picture", "text/plain")}, 415, "unsupported_image", "JPEG"),
         (
             {"image_sha256": "c" * 64},
-            {"image": ("c.png", images.png(8, 8), "image/png")},
+            {"image": ("c.png", photos.png(8, 8), "image/png")},
             400,
             "invalid_parameter",
             "not both",
@@ -252,7 +251,7 @@ def theme_form(caller: str, effect: str = "enhancedblackwhite") -> dict[str, str
     ],
 )
 def test_store_image_answers_each_storefront_caller(client: TestClient, caller: str) -> None:
-    picture = images.jpeg(64, 48, seed=8) if "original" in theme_form(caller)["image_type"] else images.png(64, 48)
+    picture = photos.jpeg(64, 48, seed=8) if "original" in theme_form(caller)["image_type"] else photos.png(64, 48)
     response = client.post(
         "/store-image",
         data=theme_form(caller),
@@ -276,7 +275,7 @@ def test_store_image_answers_each_storefront_caller(client: TestClient, caller: 
 
 
 def test_store_image_ignores_what_the_old_service_ignored_and_refuses_what_it_refused(client: TestClient) -> None:
-    picture = images.png(32, 32, seed=9)
+    picture = photos.png(32, 32, seed=9)
     extra = client.post(
         "/store-image",
         data={**theme_form("inline-preview-mvp.js uploadOriginalToGCS"), "pet_id": "7", "something_new": "x"},
@@ -302,7 +301,7 @@ def test_store_image_ignores_what_the_old_service_ignored_and_refuses_what_it_re
 
 
 def test_store_image_keeps_the_old_tiers_meaning(client: TestClient) -> None:
-    picture = images.png(32, 32, seed=10)
+    picture = photos.png(32, 32, seed=10)
     for tier, days in (("temporary", 7), ("order_pending", 30), ("order_completed", 180), ("archived", 730)):
         response = client.post(
             "/store-image",
@@ -318,7 +317,7 @@ def test_store_image_keeps_the_old_tiers_meaning(client: TestClient) -> None:
 
 def test_links_follow_the_host_the_client_used(client_factory: Callable[..., TestClient]) -> None:
     client = client_factory(public_url="")
-    upload = images.png(40, 30, seed=11)
+    upload = photos.png(40, 30, seed=11)
     for base in ("http://127.0.0.1:9000", "http://shop-laptop.local:8080"):
         url = process(client, upload, "dithering", base)["results"]["dithering"]["url"]
         assert url.startswith(f"{base}/v1/results/")
@@ -333,9 +332,9 @@ def test_links_follow_the_host_the_client_used(client_factory: Callable[..., Tes
 def test_a_server_on_another_port_answers_links_that_resolve_and_logs_text(tmp_path: Path) -> None:
     """`PORT=9000 make run`-style: no CUTOUT_PUBLIC_URL, a port that is not 8080, links followed."""
     env = {"CUTOUT_PUBLIC_URL": "", "CUTOUT_ENVIRONMENT": "development", "CUTOUT_LOG_FORMAT": "auto"}
-    upload = images.png(48, 32, seed=12)
-    with running_server(tmp_path, env) as base:
-        port = base.rsplit(":", 1)[1]
+    upload = photos.png(48, 32, seed=12)
+    with running_server(tmp_path, env) as server:
+        port = server.url.rsplit(":", 1)[1]
         assert port != "8080"
         for host in (f"127.0.0.1:{port}", f"localhost:{port}"):
             response = httpx.post(
@@ -352,7 +351,7 @@ def test_a_server_on_another_port_answers_links_that_resolve_and_logs_text(tmp_p
             kept = httpx.post(f"http://{host}/v1/keep", data={"results": url}, timeout=30).json()
             (entry,) = kept["results"].values()
             assert httpx.get(entry["url"], timeout=30).content == followed.content
-    lines = (tmp_path / f"server-{port}.log").read_text().splitlines()
+    lines = server.log_path.read_text().splitlines()
     access = [line for line in lines if "cutout.access: POST /v1/process 200" in line]
     assert len(access) == 2, lines[-20:]
     assert not any(line.startswith("{") for line in lines), "development logs are text, not JSON"
@@ -366,10 +365,9 @@ def test_production_logs_are_json(tmp_path: Path) -> None:
         "CUTOUT_LOG_FORMAT": "auto",
         "CUTOUT_WARMUP_TOKEN": "a-random-secret-of-32-characters",
     }
-    with running_server(tmp_path, env) as base:
-        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
-        port = base.rsplit(":", 1)[1]
-    lines = [line for line in (tmp_path / f"server-{port}.log").read_text().splitlines() if line.strip()]
+    with running_server(tmp_path, env) as server:
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200
+    lines = [line for line in server.log_path.read_text().splitlines() if line.strip()]
     parsed = [json.loads(line) for line in lines]
     assert any(entry.get("path") == "/health" and entry["severity"] == "INFO" for entry in parsed)
 
@@ -383,24 +381,12 @@ STORE_IMAGE_SPEC = ROOT / "tests" / "browser" / "store_image.spec.mjs"
 @pytest.mark.browser
 def test_each_storefront_store_image_caller_in_chromium(tmp_path: Path) -> None:
     """A page on another origin builds each caller's FormData, reads `success`/`url`, shows the picture."""
-    from tests.test_browser import CHROMIUM, require_browser_tools, static_site
-
     node = require_browser_tools()
     with static_site(STORE_IMAGE_PAGE) as page_origin:
         env = {"CUTOUT_ALLOWED_ORIGINS": page_origin, "CUTOUT_PUBLIC_URL": ""}
-        with running_server(tmp_path, env) as api:
-            config = {"pageUrl": f"{page_origin}/index.html?api={api}", "chromium": str(CHROMIUM)}
-            run = subprocess.run(
-                [node, str(STORE_IMAGE_SPEC)],
-                cwd=ROOT,
-                env={**os.environ, "CUTOUT_BROWSER": json.dumps(config)},
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-            assert run.returncode == 0, f"browser script failed:\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
-            report = json.loads(run.stdout.strip().splitlines()[-1])
+        with running_server(tmp_path, env) as server:
+            api = server.url
+            report = run_browser_script(node, STORE_IMAGE_SPEC, {"pageUrl": f"{page_origin}/index.html?api={api}"}, 300)
             kept = {name: httpx.get(call["url"], timeout=30) for name, call in report["calls"].items()}
     print(json.dumps(report["calls"], indent=1))
     assert "error" not in report, report

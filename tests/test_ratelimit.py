@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.ratelimit import client_address
-from tests import images
-from tests.server import running_server
+from tests.support import photos
+from tests.support.server import running_server
 
 ORIGIN = "https://shop.example"
 LB = "34.120.5.9"  # the load balancer's own address, the last entry it appends
@@ -28,7 +28,7 @@ def post_photo(http: httpx.Client, headers: dict[str, str]) -> httpx.Response:
     return http.post(
         "/v1/process",
         data={"effects": "popart", "background": "none"},
-        files={"image": ("cat.jpg", images.jpeg(48, 32), "image/jpeg")},
+        files={"image": ("cat.jpg", photos.jpeg(48, 32), "image/jpeg")},
         headers=headers,
     )
 
@@ -39,7 +39,7 @@ def test_forged_forwarded_for_does_not_escape_the_limit_over_real_http(tmp_path:
         "CUTOUT_TRUSTED_PROXY_HOPS": "2",
         "CUTOUT_ALLOWED_ORIGINS": ORIGIN,
     }
-    with running_server(tmp_path, env) as base, httpx.Client(base_url=base, timeout=60) as http:
+    with running_server(tmp_path, env) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         # A new forged first entry on every request: the key stays the client the LB saw.
         for attempt in range(3):
             response = post_photo(http, behind_lb("203.0.113.7", forged=f"10.0.0.{attempt}"))
@@ -57,7 +57,7 @@ def test_forged_forwarded_for_does_not_escape_the_limit_over_real_http(tmp_path:
         assert post_photo(http, behind_lb("203.0.113.7")).status_code == 429
 
         # The limit applies before the body is read: an oversized upload is refused with 429, not 413.
-        assert announce_huge_upload(base, behind_lb("203.0.113.7")).startswith(b"HTTP/1.1 429 ")
+        assert announce_huge_upload(server.url, behind_lb("203.0.113.7")).startswith(b"HTTP/1.1 429 ")
 
         # Another client behind the same LB has its own budget; reads are a separate family.
         assert post_photo(http, behind_lb("198.51.100.23", forged="203.0.113.7")).status_code == 200
@@ -96,7 +96,7 @@ def test_read_routes_have_their_own_limit(client_factory: Callable[..., TestClie
     response = client.post(
         "/v1/process",
         data={"effects": "dithering", "background": "none"},
-        files={"image": ("cat.jpg", images.jpeg(48, 32), "image/jpeg")},
+        files={"image": ("cat.jpg", photos.jpeg(48, 32), "image/jpeg")},
     )
     assert response.status_code == 200, response.text
 

@@ -6,27 +6,20 @@ from pathlib import Path
 
 import httpx
 
-from tests import images
-from tests.server import running_server
+from tests.support import photos
+from tests.support.client import send_process
+from tests.support.server import running_server
 
 
 def test_real_server_serves_uploads_over_a_socket(tmp_path: Path) -> None:
-    with running_server(tmp_path) as base, httpx.Client(base_url=base, timeout=60) as http:
-        upload = images.jpeg(160, 120)
-        response = http.post(
-            "/v1/process",
-            data={"effects": "blackwhite,dithering", "background": "none"},
-            files={"image": ("cat.jpg", upload, "image/jpeg")},
-        )
+    with running_server(tmp_path) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        upload = photos.jpeg(160, 120)
+        response = send_process(http, upload, effects="blackwhite,dithering", background="none")
         assert response.status_code == 200, response.text
         results = response.json()["results"]
         fetched = http.get(results["dithering"]["url"])
         assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
-        again = http.post(
-            "/v1/process",
-            data={"effects": "blackwhite,dithering", "background": "none"},
-            files={"image": ("cat.jpg", upload, "image/jpeg")},
-        )
+        again = send_process(http, upload, effects="blackwhite,dithering", background="none")
         assert {r["cache"] for r in again.json()["results"].values()} == {"hit"}
         bad = http.post(
             "/v1/process",

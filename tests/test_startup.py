@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,10 @@ from fastapi.testclient import TestClient
 import effects.engine as engine_module
 from effects import DIFFUSION_EFFECTS
 from service.app import create_app
-from tests.conftest import make_settings
-from tests.images import png as png_bytes
-from tests.server import ROOT, free_port
+from tests.support import ROOT
+from tests.support.app import make_settings
+from tests.support.photos import png as png_bytes
+from tests.support.server import running_server
 
 # How many fresh processes the start-up test runs (CI: 10; set CUTOUT_STARTUP_RUNS to change it).
 STARTUP_RUNS = int(os.environ.get("CUTOUT_STARTUP_RUNS", "10"))
@@ -49,19 +49,8 @@ def startup_probe() -> dict[str, float]:
     raise AssertionError("terraform/variables.tf has no startup_probe variable")
 
 
-def service_env(models_dir: Path, tmp_path: Path, port: int, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-        "CUTOUT_MODELS_DIR": str(models_dir),
-        "CUTOUT_CACHE_DIR": str(tmp_path / "cache"),
-        "CUTOUT_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "CUTOUT_DIFFUSION_EFFECTS": ",".join(DIFFUSION_EFFECTS),
-        "CUTOUT_DEVICE": "cpu",
-        "CUTOUT_LOG_FORMAT": "json",
-        **extra,
-    }
+# Every model configured, JSON logs: as the container runs in production.
+SERVICE_ENV = {"CUTOUT_DIFFUSION_EFFECTS": ",".join(DIFFUSION_EFFECTS), "CUTOUT_LOG_FORMAT": "json"}
 
 
 def probe_until_ready(base: str, process: subprocess.Popen[bytes], probe: dict[str, float]) -> tuple[float, int]:
@@ -91,71 +80,47 @@ def wait_all_settled(base: str, timeout_s: float = 180.0) -> dict[str, Any]:
         time.sleep(0.5)
 
 
-@pytest.fixture
-def run_service(tmp_path: Path) -> Iterator[Any]:
-    processes: list[subprocess.Popen[bytes]] = []
-
-    def run(models_dir: Path, log_path: Path, **extra: str) -> tuple[str, subprocess.Popen[bytes]]:
-        port = free_port()
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "service"],
-                cwd=ROOT,
-                env=service_env(models_dir, tmp_path, port, **extra),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        processes.append(process)
-        return f"http://127.0.0.1:{port}", process
-
-    yield run
-    for process in processes:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-
-
 # Each start takes 20-70 s on two busy cores (imports, the cutout, four tiny pipelines, the smoke test).
 @pytest.mark.timeout(120 + 180 * STARTUP_RUNS)
-def test_fresh_processes_start_ready_every_time(models_dir: Path, tmp_path: Path, run_service: Any) -> None:
+def test_fresh_processes_start_ready_every_time(models_dir: Path, tmp_path: Path) -> None:
     """The issue this guards against: loaders racing on diffusers' lazy imports left pipelines failed
     in every fresh process, and /ready at 503 for good. Only a fresh process shows it."""
     probe = startup_probe()
     figures: list[str] = []
     for run in range(STARTUP_RUNS):
-        log_path = tmp_path / f"start-{run}.log"
         started = time.monotonic()
-        base, process = run_service(models_dir, log_path)
-        to_ready, probes = probe_until_ready(base, process, probe)
+        with running_server(tmp_path, {**SERVICE_ENV, "CUTOUT_MODELS_DIR": str(models_dir)}, wait_for=None) as server:
+            base = server.url
+            to_ready, probes = probe_until_ready(base, server.process, probe)
 
-        # The startup probe passed on the cutout model alone; nothing of diffusers was imported before.
-        early = httpx.get(f"{base}/ready", timeout=10).json()
-        assert early["models"]["cutout"]["status"] == "ready"
-        assert early["startup"]["diffusion_imported_before_cutout"] is False
-        assert all(early["effects"][name] == "ready" for name in ("blackwhite", "dithering", "popart", "retro8bit"))
+            # The startup probe passed on the cutout model alone; nothing of diffusers was imported before.
+            early = httpx.get(f"{base}/ready", timeout=10).json()
+            assert early["models"]["cutout"]["status"] == "ready"
+            assert early["startup"]["diffusion_imported_before_cutout"] is False
+            assert all(early["effects"][name] == "ready" for name in ("blackwhite", "dithering", "popart", "retro8bit"))
 
-        # Every diffusion pipeline loads, its weight read overlapping the others'.
-        body = wait_all_settled(base)
-        assert {name: model["status"] for name, model in body["models"].items()} == dict.fromkeys(
-            ["cutout", *DIFFUSION_EFFECTS], "ready"
-        ), body["models"]
-        windows = [body["models"][name]["load_window_s"] for name in DIFFUSION_EFFECTS]
-        assert max(start for start, _ in windows) < min(end for _, end in windows), windows
-        assert all(body["models"][name]["attempts"] == 1 for name in body["models"])
+            # Every diffusion pipeline loads, its weight read overlapping the others'.
+            body = wait_all_settled(base)
+            assert {name: model["status"] for name, model in body["models"].items()} == dict.fromkeys(
+                ["cutout", *DIFFUSION_EFFECTS], "ready"
+            ), body["models"]
+            windows = [body["models"][name]["load_window_s"] for name in DIFFUSION_EFFECTS]
+            assert max(start for start, _ in windows) < min(end for _, end in windows), windows
+            assert all(body["models"][name]["attempts"] == 1 for name in body["models"])
 
-        # The deploy script's smoke test, as the release workflow runs it against a new revision.
-        smoke = subprocess.run(
-            [sys.executable, "scripts/deploy.py", "smoke", "--url", base, "--ready-deadline", "30"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert smoke.returncode == 0, smoke.stderr
+            # The deploy script's smoke test, as the release workflow runs it against a new revision.
+            smoke = subprocess.run(
+                [sys.executable, "scripts/deploy.py", "smoke", "--url", base, "--ready-deadline", "30"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            assert smoke.returncode == 0, smoke.stderr
 
-        process.terminate()
-        assert process.wait(timeout=30) == 0
-        log = log_path.read_text(encoding="utf-8")
+            exit_code, _ = server.stop()
+        assert exit_code == 0, server.log_tail()
+        log = server.log_path.read_text(encoding="utf-8")
         bad = [line for line in log.splitlines() if '"ERROR"' in line or '"CRITICAL"' in line or "Traceback" in line]
         assert not bad, "\n".join(bad[:5])
         figures.append(
@@ -166,22 +131,22 @@ def test_fresh_processes_start_ready_every_time(models_dir: Path, tmp_path: Path
     print("\n" + "\n".join(figures))
 
 
-def test_cuda_without_a_gpu_exits_3(models_dir: Path, tmp_path: Path, run_service: Any) -> None:
+def test_cuda_without_a_gpu_exits_3(models_dir: Path, tmp_path: Path) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is visible here: CUTOUT_DEVICE=cuda is a valid setting")
-    log_path = tmp_path / "cuda.log"
-    _, process = run_service(models_dir, log_path, CUTOUT_DEVICE="cuda")
-    assert process.wait(timeout=120) == 3
-    assert "CUTOUT_DEVICE=cuda but no CUDA device is visible" in log_path.read_text(encoding="utf-8")
+    env = {**SERVICE_ENV, "CUTOUT_MODELS_DIR": str(models_dir), "CUTOUT_DEVICE": "cuda"}
+    with running_server(tmp_path, env, wait_for=None) as server:
+        assert server.process.wait(timeout=120) == 3
+    assert "CUTOUT_DEVICE=cuda but no CUDA device is visible" in server.log_path.read_text(encoding="utf-8")
 
 
-def test_a_bad_setting_exits_1_saying_which(models_dir: Path, tmp_path: Path, run_service: Any) -> None:
-    log_path = tmp_path / "bad.log"
-    _, process = run_service(models_dir, log_path, CUTOUT_MAX_QUEUE="0")
-    assert process.wait(timeout=120) == 1
-    log = log_path.read_text(encoding="utf-8")
+def test_a_bad_setting_exits_1_saying_which(models_dir: Path, tmp_path: Path) -> None:
+    env = {**SERVICE_ENV, "CUTOUT_MODELS_DIR": str(models_dir), "CUTOUT_MAX_QUEUE": "0"}
+    with running_server(tmp_path, env, wait_for=None) as server:
+        assert server.process.wait(timeout=120) == 1
+    log = server.log_path.read_text(encoding="utf-8")
     assert "invalid setting" in log and "max_queue" in log
     assert "Traceback" not in log
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from service import imaging
 from service.errors import ImageTooLarge, UnsupportedImage
-from tests import images
+from tests.support import photos
 
 ORIGIN = "https://shop.example"
 
@@ -37,23 +37,23 @@ def exif_with_orientation(orientation: int, extra_bytes: int = 0) -> bytes:
 
 def hostile_corpus() -> list[tuple[str, bytes, int | None, tuple[int, int] | None]]:
     """(name, bytes, expected error status or None, expected result size or None)."""
-    jpeg = images.jpeg(80, 60)
-    photo = images.photo(40, 30)
+    jpeg = photos.jpeg(80, 60)
+    photo = photos.photo(40, 30)
     cmyk = io.BytesIO()
     Image.fromarray(photo).convert("CMYK").save(cmyk, "JPEG", quality=95)
     sixteen = io.BytesIO()
     grey16 = (np.linspace(0, 65535, 40 * 30).reshape(30, 40)).astype(np.uint16)
     Image.fromarray(grey16).save(sixteen, "PNG")
     gif = io.BytesIO()
-    frames = [Image.fromarray(images.photo(30, 20, seed=s)).convert("P") for s in range(3)]
+    frames = [Image.fromarray(photos.photo(30, 20, seed=s)).convert("P") for s in range(3)]
     frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
     webp = io.BytesIO()
-    webp_frames = [Image.fromarray(images.photo(30, 20, seed=s)) for s in range(3)]
+    webp_frames = [Image.fromarray(photos.photo(30, 20, seed=s)) for s in range(3)]
     webp_frames[0].save(webp, "WEBP", save_all=True, append_images=webp_frames[1:], duration=50)
     heic = io.BytesIO()
     Image.fromarray(photo).save(heic, "HEIF", quality=90)
     rotated = io.BytesIO()
-    Image.fromarray(images.photo(60, 20)).save(rotated, "JPEG", exif=exif_with_orientation(6))
+    Image.fromarray(photos.photo(60, 20)).save(rotated, "JPEG", exif=exif_with_orientation(6))
     huge_exif = io.BytesIO()
     Image.fromarray(photo).save(huge_exif, "JPEG", exif=exif_with_orientation(1, extra_bytes=60_000))
     palette = io.BytesIO()
@@ -67,7 +67,7 @@ def hostile_corpus() -> list[tuple[str, bytes, int | None, tuple[int, int] | Non
         ("text posing as png", b"\x89PNG\r\n\x1a\nthis is not an image at all" * 3, 415, None),
         ("plain text", b"hello, I am a cat", 415, None),
         ("html", b"<html><body>photo</body></html>", 415, None),
-        ("png header bomb", images.png_header_bomb(), 413, None),
+        ("png header bomb", photos.png_header_bomb(), 413, None),
         ("cmyk jpeg", cmyk.getvalue(), None, (40, 30)),
         ("16-bit greyscale png", sixteen.getvalue(), None, (40, 30)),
         ("animated gif", gif.getvalue(), None, (30, 20)),
@@ -101,7 +101,7 @@ def test_hostile_corpus_over_http(
 
 
 def test_cmyk_and_16bit_colours_are_right() -> None:
-    photo = images.photo(40, 30)
+    photo = photos.photo(40, 30)
     cmyk = io.BytesIO()
     Image.fromarray(photo).convert("CMYK").save(cmyk, "JPEG", quality=98)
     decoded = imaging.decode(cmyk.getvalue(), 10**7)
@@ -118,7 +118,7 @@ def test_cmyk_and_16bit_colours_are_right() -> None:
 
 
 def test_exif_orientation_is_applied() -> None:
-    array = images.photo(60, 20)
+    array = photos.photo(60, 20)
     array[:5, :5] = (255, 0, 0)  # a red corner at the stored top-left
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "PNG", exif=exif_with_orientation(6))
@@ -132,14 +132,14 @@ def test_transparency_is_kept_as_alpha() -> None:
     rgba = np.zeros((10, 12, 4), dtype=np.uint8)
     rgba[..., :3] = 200
     rgba[2:8, 3:9, 3] = 255
-    decoded = imaging.decode(images.encode(rgba, "PNG"), 10**7)
+    decoded = imaging.decode(photos.encode(rgba, "PNG"), 10**7)
     assert decoded.has_alpha
     assert (decoded.pixels[..., 3] == rgba[..., 3]).all()
 
 
 def test_format_is_sniffed_from_bytes_not_names() -> None:
-    assert imaging.sniff_format(images.jpeg()) == "JPEG"
-    assert imaging.sniff_format(images.png()) == "PNG"
+    assert imaging.sniff_format(photos.jpeg()) == "JPEG"
+    assert imaging.sniff_format(photos.png()) == "PNG"
     assert imaging.sniff_format(b"RIFF\0\0\0\0WEBPVP8 ") == "WEBP"
     assert imaging.sniff_format(b"\0\0\0\x18ftypheic\0\0\0\0") == "HEIF"
     assert imaging.sniff_format(b"\0\0\0\x18ftypisom\0\0\0\0") is None  # an MP4 is not a photo
@@ -150,12 +150,12 @@ def test_decode_errors_are_domain_errors() -> None:
     with pytest.raises(UnsupportedImage, match="empty"):
         imaging.decode(b"", 10**7)
     with pytest.raises(ImageTooLarge, match="30000x30000"):
-        imaging.decode(images.png_header_bomb(), 10**7)
+        imaging.decode(photos.png_header_bomb(), 10**7)
 
 
 def test_results_carry_no_metadata(client: TestClient) -> None:
     buffer = io.BytesIO()
-    Image.fromarray(images.photo(40, 30)).save(buffer, "JPEG", exif=exif_with_orientation(1))
+    Image.fromarray(photos.photo(40, 30)).save(buffer, "JPEG", exif=exif_with_orientation(1))
     assert Image.open(io.BytesIO(buffer.getvalue())).getexif().get(0x8825) is not None
     for fmt in ("png", "webp", "jpeg"):
         response = client.post(

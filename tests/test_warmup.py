@@ -1,8 +1,8 @@
-"""POST /warmup: credentials (shared token, Google-signed OIDC against a local JWKS), single flight."""
+"""POST /warmup: credentials (shared token, Google-signed OIDC against local v1 certs), single flight."""
 
 from __future__ import annotations
 
-import base64
+import datetime
 import json
 import threading
 import time
@@ -11,14 +11,20 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from google.auth import crypt, jwt
 
 from service.app import create_app
-from tests.conftest import make_settings
+from service.errors import Forbidden
+from service.warmup import CertsTransport, WarmupAuth
+from tests.support.app import make_settings
+from tests.support.server import free_port, running_server
 from tests.support.weights import write_inspyrenet
 
 TOKEN = "s3cret-warmup-token-0123456789"
@@ -37,44 +43,50 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------------------ a local Google
 
 
-def _b64(number: int) -> str:
-    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+def certificate(key: rsa.RSAPrivateKey) -> str:
+    """A self-signed X.509 certificate for the key, in PEM: what Google's v1 certs URL serves."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "local-google")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 class LocalGoogle:
-    """Signs ID tokens like Google does and serves the public keys as a JWKS on loopback."""
+    """Signs ID tokens like Google does and serves the public certificates as Google's v1 certs
+    URL does (`{kid: PEM certificate}`, with a Cache-Control max-age) on loopback."""
 
     def __init__(self) -> None:
         self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.kid = "local-key-1"
         self.fetches = 0
-        numbers = self.key.public_key().public_numbers()
-        jwks = {
-            "keys": [
-                {
-                    "kty": "RSA",
-                    "alg": "RS256",
-                    "use": "sig",
-                    "kid": self.kid,
-                    "n": _b64(numbers.n),
-                    "e": _b64(numbers.e),
-                }
-            ]
-        }
-        body = json.dumps(jwks).encode()
+        self.cache_control = "public, max-age=21600, must-revalidate, no-transform"
+        self.served_age_s = 0  # how old the Date header says the answer is
+        self.document: Any = {self.kid: certificate(self.key)}
         google = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 google.fetches += 1
+                body = json.dumps(google.document).encode()
                 self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Cache-Control", "public, max-age=21600")
+                self.send_header("Content-Type", "application/json; charset=UTF-8")
+                self.send_header("Cache-Control", google.cache_control)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
+
+            def date_time_string(self, timestamp: float | None = None) -> str:
+                return super().date_time_string(time.time() - google.served_age_s)
 
             def log_message(self, *args: Any) -> None:
                 return
@@ -82,9 +94,9 @@ class LocalGoogle:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
-        self.certs_url = f"http://127.0.0.1:{self.server.server_address[1]}/oauth2/v3/certs"
+        self.certs_url = f"http://127.0.0.1:{self.server.server_address[1]}/oauth2/v1/certs"
 
-    def token(self, *, key: rsa.RSAPrivateKey | None = None, **overrides: Any) -> str:
+    def token(self, *, key: rsa.RSAPrivateKey | None = None, kid: str | None = None, **overrides: Any) -> str:
         now = int(time.time())
         claims = {
             "iss": "https://accounts.google.com",
@@ -100,7 +112,7 @@ class LocalGoogle:
         pem = (key or self.key).private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        signer = crypt.RSASigner.from_string(pem, key_id=self.kid)
+        signer = crypt.RSASigner.from_string(pem, key_id=kid or self.kid)
         return jwt.encode(signer, claims).decode()
 
     def close(self) -> None:
@@ -195,6 +207,102 @@ def test_oidc_token_from_the_scheduler_account(client_factory: Callable[..., Tes
     again = client.post("/warmup", headers={"Authorization": f"Bearer {google.token()}"})
     assert again.status_code == 200
     assert google.fetches == fetches + 1  # the keys are cached between calls
+
+
+def test_certs_are_kept_for_their_max_age_then_fetched_again(tmp_path: Path) -> None:
+    """google-auth fetches the certs on every verification; the CacheControl session under it keeps
+    them for the answer's Cache-Control max-age (counted from its Date), and a rotated key is found
+    once the kept copy is stale."""
+    local = LocalGoogle()
+    try:
+        local.cache_control = "public, max-age=3, must-revalidate, no-transform"
+        auth = WarmupAuth(make_settings(tmp_path, **oidc_settings(local)), certs=CertsTransport())
+        assert auth.verify_oidc(local.token())["email"] == SCHEDULER
+        assert auth.verify_oidc(local.token())["email"] == SCHEDULER
+        assert local.fetches == 1
+
+        # Google rotates: a new key is published; tokens signed with it pass once the kept copy is stale.
+        new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        local.document = {local.kid: certificate(local.key), "local-key-2": certificate(new_key)}
+        rotated = local.token(key=new_key, kid="local-key-2")
+        with pytest.raises(Forbidden):
+            auth.verify_oidc(rotated)  # still fresh: the kept document does not know the new key
+        assert local.fetches == 1
+        time.sleep(3.5)
+        assert auth.verify_oidc(rotated)["email"] == SCHEDULER
+        assert local.fetches == 2
+
+        # An answer whose Date is already older than its max-age is fetched again for every check.
+        local.cache_control = "public, max-age=21600, must-revalidate, no-transform"
+        local.served_age_s = 21601
+        time.sleep(3.5)
+        auth.verify_oidc(local.token())
+        auth.verify_oidc(local.token())
+        assert local.fetches == 4
+        # One with 10 minutes of its 6 hours left is kept.
+        local.served_age_s = 21000
+        auth.verify_oidc(local.token())
+        auth.verify_oidc(local.token())
+        assert local.fetches == 5
+
+        # An answer that may not be kept is fetched for every verification.
+        local.served_age_s, local.cache_control = 0, "no-store"
+        time.sleep(0.1)
+        auth.verify_oidc(local.token())  # still the kept copy: 10 minutes left
+        local.document = {"local-key-2": certificate(new_key)}
+        auth.certs.forget(local.certs_url)  # as a new instance starts, with nothing kept
+        auth.verify_oidc(rotated)
+        auth.verify_oidc(rotated)
+        assert local.fetches == 7
+    finally:
+        local.close()
+
+
+def test_certs_that_cannot_be_read_are_503_and_not_kept(client_factory: Callable[..., TestClient]) -> None:
+    local = LocalGoogle()
+    try:
+        closed = f"http://127.0.0.1:{free_port()}/oauth2/v1/certs"  # nobody listens there
+        down = client_factory(**{**oidc_settings(local), "warmup_certs_url": closed})
+        answer = down.post("/warmup", headers={"Authorization": f"Bearer {local.token()}"})
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["code"] == "service_unavailable" and answer.headers["retry-after"] == "30"
+        # A token that is no JWT is refused before any fetch.
+        assert down.post("/warmup", headers={"Authorization": "Bearer nope"}).status_code == 403
+
+        # A JWKS (the v3 URL's format) is not what verify_token reads without PyJWT: 503, not kept.
+        local.document = {"keys": [{"kty": "RSA", "kid": local.kid, "n": "AQAB", "e": "AQAB"}]}
+        client = client_factory(**oidc_settings(local))
+        answer = client.post("/warmup", headers={"Authorization": f"Bearer {local.token()}"})
+        assert answer.status_code == 503, answer.text
+        local.document = {local.kid: certificate(local.key)}
+        fixed = client.post("/warmup", headers={"Authorization": f"Bearer {local.token()}"})
+        assert fixed.status_code == 200, fixed.text
+        assert local.fetches == 2
+    finally:
+        local.close()
+
+
+def test_the_started_service_checks_scheduler_tokens(tmp_path: Path) -> None:
+    """`python -m service` as the container starts it, configured from the environment as Cloud Run is."""
+    local = LocalGoogle()
+    env = {
+        "CUTOUT_WARMUP_AUDIENCE": AUDIENCE,
+        "CUTOUT_WARMUP_SERVICE_ACCOUNT": SCHEDULER,
+        "CUTOUT_WARMUP_CERTS_URL": local.certs_url,
+    }
+    try:
+        with running_server(tmp_path, env) as server:
+            base = server.url
+            for _ in range(2):
+                answer = httpx.post(f"{base}/warmup", headers={"Authorization": f"Bearer {local.token()}"}, timeout=60)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["warmed"] is True
+            intruder = local.token(email="intruder@evil.iam.gserviceaccount.com")
+            refused = httpx.post(f"{base}/warmup", headers={"Authorization": f"Bearer {intruder}"}, timeout=60)
+            assert refused.status_code == 403 and refused.json()["code"] == "forbidden"
+        assert local.fetches == 1  # three checks, one certificate fetch
+    finally:
+        local.close()
 
 
 @pytest.mark.parametrize(

@@ -6,21 +6,9 @@
 // (the test answers the first upload with 429 + Retry-After, so it is retried), the previews load.
 // Visit 2 (a reload, same photo): hash-first hits, nothing is uploaded, the previews load.
 // It prints one JSON document on stdout; the pytest test makes the assertions.
-import { chromium } from "playwright-core";
 import path from "node:path";
 
-const config = JSON.parse(process.env.CUTOUT_BROWSER);
-const executablePath = config.chromium || "/usr/bin/chromium";
-const args = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-background-networking",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-component-update",
-  "--disable-sync",
-];
+import { config, launchWithProfile } from "./chromium.mjs";
 
 function classify(request) {
   const url = new URL(request.url());
@@ -102,12 +90,7 @@ async function visit(page, label, log, consoleLines) {
   };
 }
 
-const context = await chromium.launchPersistentContext(config.userDataDir, {
-  executablePath,
-  headless: true,
-  args,
-  viewport: { width: 1100, height: 900 },
-});
+const context = await launchWithProfile({ viewport: { width: 1100, height: 900 } });
 const result = { chromium: context.browser()?.version() ?? null };
 try {
   const page = context.pages()[0] ?? (await context.newPage());

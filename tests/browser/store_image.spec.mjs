@@ -1,13 +1,9 @@
 // Opens the store-image callers' page in Debian's chromium and prints its report as one JSON line.
 //
 //   CUTOUT_BROWSER='{"pageUrl": ..., "chromium": ...}' node store_image.spec.mjs
-import { chromium } from "playwright-core";
+import { config, launch } from "./chromium.mjs";
 
-const config = JSON.parse(process.env.CUTOUT_BROWSER);
-const browser = await chromium.launch({
-  executablePath: config.chromium || "/usr/bin/chromium",
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage();
   const consoleLines = [];

@@ -7,25 +7,9 @@
 // origin the service does not allow. mode "cold": the callers against a service without the
 // model, to see the theme's own error path (a readable 503, not a CORS failure).
 // It prints one JSON document on stdout; the pytest test makes the assertions.
-import { chromium } from "playwright-core";
+import { config, launchWithProfile } from "./chromium.mjs";
 
-const config = JSON.parse(process.env.CUTOUT_BROWSER);
-const args = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-background-networking",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-component-update",
-  "--disable-sync",
-];
-
-const context = await chromium.launchPersistentContext(config.userDataDir, {
-  executablePath: config.chromium || "/usr/bin/chromium",
-  headless: true,
-  args,
-});
+const context = await launchWithProfile();
 const result = { chromium: context.browser()?.version() ?? null, console: [], responses: [] };
 
 async function open(url) {
