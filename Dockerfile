@@ -63,19 +63,18 @@ RUN uv pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" 
 assert torch.version.cuda.replace('.', '') == '${TORCH_CUDA}'.removeprefix('cu'), 'torch is not the ${TORCH_CUDA} build'"
 
 # ---------------------------------------------------------------- weights
-# Fetched and converted once, at build, by the code the service loads them with: scripts/fetch_weights.py
-# and its *weights*.py helpers, the model classes in effects/, the model ids in service/settings.py.
-# With the registry cache in cloudbuild.yaml this stage is rebuilt only when the dependencies or these
-# sources change; a release that only touched docs, tests or infrastructure reuses the weights layer.
+# Fetched and converted once, at build, by the code the service loads them with: effects/weights.py
+# (scripts/fetch_weights.py is its command line), the model classes in effects/ and the Hub ids in the
+# effect registry (effects/__init__.py). With the registry cache in cloudbuild.yaml this stage is rebuilt
+# only when the dependencies or effects/ change; a release that only touched the service, docs, tests or
+# infrastructure reuses the weights layer.
 FROM python-deps AS weights
 ENV HF_HOME=/tmp/huggingface \
     HF_HUB_DISABLE_TELEMETRY=1 \
     PYTHONPATH=/src
 WORKDIR /src
-COPY scripts/*weights*.py scripts/
-COPY service/ service/
+COPY scripts/fetch_weights.py scripts/
 COPY effects/ effects/
-COPY cache/ cache/
 # An optional Hugging Face token (gated or rate-limited downloads): `--secret id=hf_token,src=...`.
 RUN --mount=type=secret,id=hf_token,required=false \
     HF_TOKEN="$(cat /run/secrets/hf_token 2>/dev/null || true)" \

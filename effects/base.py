@@ -10,10 +10,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from effects.diffusion_base import DiffusionSpec
 
 # Model construction is not thread-safe across libraries: diffusers builds its modules under
 # accelerate's `init_empty_weights`, which patches `nn.Module.register_parameter` for the whole
@@ -42,7 +45,8 @@ class Effect:
 
     `model` names the loaded model the effect needs (None for classic effects): the cutout
     model for `cutout`, the diffusion pipeline for diffusion effects. `apply` is set for
-    classic effects; model effects are run by the engine with the model it owns.
+    classic effects; model effects are run by the engine with the model it owns. `diffusion`
+    is set for diffusion effects: where their pipeline's weights come from and how it runs.
     """
 
     name: str
@@ -52,6 +56,13 @@ class Effect:
     params: type[EffectParams]
     apply: ClassicApply | None = None
     model: str | None = None
+    diffusion: DiffusionSpec | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind == "diffusion") != (self.diffusion is not None):
+            raise ValueError(f"effect {self.name!r}: a diffusion spec goes with kind 'diffusion' and only with it")
+        if (self.kind == "classic") != (self.apply is not None):
+            raise ValueError(f"effect {self.name!r}: `apply` goes with kind 'classic' and only with it")
 
     def params_schema(self) -> dict[str, Any]:
         return self.params.model_json_schema()

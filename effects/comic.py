@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from effects.base import Effect
-from effects.diffusion import DiffusionSpec, Img2ImgParams
+from effects.diffusion_base import DiffusionSpec, Img2ImgParams
 
 
 class Params(Img2ImgParams):
@@ -34,8 +34,8 @@ class Params(Img2ImgParams):
 
 
 SPEC = DiffusionSpec(
-    effect="comic",
     kind="sd_img2img",
+    hub_id="nitrosocke/Ghibli-Diffusion",
     prompt="ghibli style, hand-drawn anime illustration, soft colors, clean line art, detailed",
     negative_prompt="photo, photorealistic, realistic, blurry, lowres, deformed, bad anatomy, text, watermark",
     scheduler="DDIMScheduler",
@@ -49,4 +49,5 @@ EFFECT = Effect(
     version=1,
     params=Params,
     model="comic",
+    diffusion=SPEC,
 )

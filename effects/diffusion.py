@@ -1,16 +1,15 @@
 """Diffusion effects: pipelines loaded once at start-up, one job at a time, the cutout's alpha kept.
 
 Each diffusion effect (`upscale`, `enhance`, `comic`, `aged`) is a module holding its `Params`, its
-`EFFECT` registry entry and a `DiffusionSpec`: which diffusers pipeline runs it, its fixed prompt pair,
-its sampler and the largest image it works on. This module holds what they share:
+`EFFECT` registry entry and a `DiffusionSpec` (`effects/diffusion_base.py`): which diffusers pipeline
+runs it, its fixed prompt pair, its sampler and the largest image it works on. The runtime reads each
+spec from the registry entry. This module holds what they share at run time:
 
 - `load_pipeline` reads one pipeline from its directory under `MODELS_DIR` (local safetensors only,
   straight to the device, SDPA attention, no safety checker or watermarker) and embeds the effect's
   fixed prompts once, so a job without a prompt addition never runs a text encoder.
 - `run_diffusion` runs one job: RGBA in, RGBA out, alpha carried around the pipeline, the same seed
   giving the same bytes.
-- `resident_weight_bytes` is the GPU budget of a set of effects, computed from the production
-  architectures (the configs vendored under `effects/model_configs/`) on the `meta` device.
 
 diffusers and transformers are imported inside the functions that need them: importing them costs
 about four seconds, which the effect registry (and every classic-effect test) should not pay.
@@ -26,25 +25,22 @@ import json
 import logging
 import threading
 import time
-import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
 
-from effects.base import MODEL_BUILD_LOCK, EffectParams, check_rgba
+from effects import EFFECTS, diffusion_spec
+from effects.base import MODEL_BUILD_LOCK, check_rgba
+from effects.diffusion_base import PIPELINE_CLASS_NAMES, DiffusionParams, DiffusionSpec, Img2ImgParams, UpscaleParams
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 logger = logging.getLogger(__name__)
-
-DIFFUSION_EFFECTS: tuple[str, ...] = ("upscale", "enhance", "comic", "aged")
 
 # Transparent pixels are flattened onto mid-grey before diffusion. Mid-grey is 0 in the [-1, 1]
 # space the VAE works in, the least informative input it can see: the model neither invents a
@@ -57,19 +53,6 @@ NEUTRAL_BACKGROUND = 0.5
 # UNet by 8 in pixel space); the image is padded up and the result cropped back.
 SIZE_MULTIPLE = 8
 
-PROMPT_ADDITION_MAX_CHARS = 120
-_PROMPT_PUNCTUATION = frozenset(" ,.'-!?&/")
-
-MODEL_CONFIGS_DIR = Path(__file__).parent / "model_configs"
-
-PipelineKind = Literal["upscale", "sd_img2img", "sdxl_img2img"]
-
-PIPELINE_CLASS_NAMES: dict[PipelineKind, str] = {
-    "upscale": "StableDiffusionUpscalePipeline",
-    "sd_img2img": "StableDiffusionImg2ImgPipeline",
-    "sdxl_img2img": "StableDiffusionXLImg2ImgPipeline",
-}
-
 
 class PipelineUnavailable(RuntimeError):
     """A diffusion effect's pipeline cannot be loaded; that effect answers 503, the others keep working."""
@@ -78,136 +61,6 @@ class PipelineUnavailable(RuntimeError):
         super().__init__(f"diffusion effect {effect!r} is unavailable: {reason}")
         self.effect = effect
         self.reason = reason
-
-
-# --- Params ----------------------------------------------------------------------------------------
-
-
-def clean_prompt_addition(value: str | None) -> str | None:
-    """Collapse whitespace and refuse anything but words and plain punctuation: no control characters,
-    no brackets, colons or other prompt-weighting syntax (diffusers would read it as plain text anyway,
-    so refusing it tells the customer up front). The addition is appended to the effect's own prompt."""
-    if value is None:
-        return None
-    text = " ".join(value.split())
-    if not text:
-        return None
-    refused = sorted({ch for ch in text if not (ch.isalnum() or ch in _PROMPT_PUNCTUATION)})
-    if refused:
-        shown = " ".join(repr(ch) if unicodedata.category(ch)[0] != "C" else f"U+{ord(ch):04X}" for ch in refused)
-        raise ValueError(
-            f"prompt_addition may hold letters, digits, spaces and the punctuation , . ' - ! ? & / only; remove {shown}"
-        )
-    return text
-
-
-class DiffusionParams(EffectParams):
-    """What every diffusion effect accepts: the sampler's effort, the prompt's pull, an optional addition.
-
-    Each effect module re-declares `steps` and `guidance_scale` with its own defaults and bounds.
-    """
-
-    steps: int
-    guidance_scale: float
-    prompt_addition: str | None = Field(
-        default=None,
-        max_length=PROMPT_ADDITION_MAX_CHARS,
-        description=(
-            "Words appended to the effect's own prompt, e.g. 'red scarf, autumn light'. Letters, digits, spaces "
-            f"and plain punctuation, at most {PROMPT_ADDITION_MAX_CHARS} characters. Slower: the text encoder runs "
-            "for this request."
-        ),
-    )
-
-    @field_validator("prompt_addition")
-    @classmethod
-    def _clean_prompt_addition(cls, value: str | None) -> str | None:
-        return clean_prompt_addition(value)
-
-
-class Img2ImgParams(DiffusionParams):
-    """Image-to-image effects: `strength` of the re-drawing decides how many of `steps` actually run."""
-
-    strength: float
-
-    @model_validator(mode="after")
-    def _at_least_one_step(self) -> Self:
-        if int(self.steps * self.strength) < 1:
-            raise ValueError(
-                f"steps × strength must leave at least one denoising step, but {self.steps} × {self.strength} "
-                f"rounds down to 0; raise steps or strength"
-            )
-        return self
-
-
-class UpscaleParams(DiffusionParams):
-    """The upscaler also takes the noise level it adds to the low-resolution input."""
-
-    noise_level: int
-
-
-# --- Specs -----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DiffusionSpec:
-    """How the runner drives one diffusion effect.
-
-    `max_side` is the longest side the pipeline works on: for `upscale` the input is capped there (the
-    output is `scale` times the capped input); for image-to-image effects larger inputs are diffused at
-    that size and resized back, so the output always has the input's size. `scheduler` names the
-    diffusers scheduler class each job gets a fresh instance of (schedulers keep per-run state).
-    `vae_in_float32` keeps the VAE in float32 when the rest runs in half precision (the x4 upscaler's
-    decoder is unstable in fp16; a resident fp32 copy beats re-casting the shared VAE on every job).
-    """
-
-    effect: str
-    kind: PipelineKind
-    prompt: str
-    negative_prompt: str
-    scheduler: str
-    max_side: int
-    scale: int = 1
-    vae_in_float32: bool = False
-    vae_tiling: bool = False
-    aesthetic_score: float = 6.0
-    negative_aesthetic_score: float = 2.5
-
-    @property
-    def pipeline_class_name(self) -> str:
-        return PIPELINE_CLASS_NAMES[self.kind]
-
-    def working_size(self, height: int, width: int) -> tuple[int, int]:
-        """The size the pipeline sees: the input scaled down (never up) to fit `max_side`."""
-        longest = max(height, width)
-        if longest <= self.max_side:
-            return height, width
-        factor = self.max_side / longest
-        return max(1, round(height * factor)), max(1, round(width * factor))
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """The size `run_diffusion` returns for an input of this size."""
-        if self.scale == 1:
-            return height, width
-        working_height, working_width = self.working_size(height, width)
-        return working_height * self.scale, working_width * self.scale
-
-
-@cache
-def _specs() -> dict[str, DiffusionSpec]:
-    # The effect modules import this one for `DiffusionSpec` and the Params bases, so the table is
-    # assembled on first use instead of at import time.
-    from effects import aged, comic, enhance, upscale
-
-    return {module.SPEC.effect: module.SPEC for module in (upscale, enhance, comic, aged)}
-
-
-def diffusion_spec(effect_name: str) -> DiffusionSpec:
-    """The spec of a diffusion effect, by name."""
-    specs = _specs()
-    if effect_name not in specs:
-        raise ValueError(f"{effect_name!r} is not a diffusion effect; diffusion effects are {', '.join(specs)}")
-    return specs[effect_name]
 
 
 # --- Loading ---------------------------------------------------------------------------------------
@@ -232,6 +85,7 @@ class LoadedPipeline:
     `embeddings` and never touch them.
     """
 
+    effect: str
     spec: DiffusionSpec
     pipeline: DiffusionPipeline
     device: torch.device
@@ -384,8 +238,9 @@ def prepare_libraries(directories: list[Path] | tuple[Path, ...] = ()) -> float:
 
         for name in PIPELINE_CLASS_NAMES.values():
             getattr(diffusers, name)
-        for spec in _specs().values():
-            getattr(diffusers, spec.scheduler)
+        for effect in EFFECTS.values():
+            if effect.diffusion is not None:
+                getattr(diffusers, effect.diffusion.scheduler)
         libraries = {"diffusers": diffusers, "transformers": transformers}
         for directory in directories:
             for library, class_name in _component_classes(directory):
@@ -539,13 +394,6 @@ def load_pipeline(effect_name: str, directory: Path, device: torch.device, dtype
 
     prepare_libraries((directory,))
     pipeline_class = getattr(diffusers, spec.pipeline_class_name)
-    options: dict[str, Any] = {}
-    if spec.kind == "sdxl_img2img":
-        options["add_watermarker"] = False
-    elif spec.kind == "sd_img2img":
-        options.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    else:
-        options.update(safety_checker=None, feature_extractor=None, watermarker=None)
 
     on_cuda = device.type == "cuda"
     if on_cuda:
@@ -561,7 +409,7 @@ def load_pipeline(effect_name: str, directory: Path, device: torch.device, dtype
             local_files_only=True,
             # Weights go from the safetensors files straight to the device, not through CPU copies.
             device_map=device.type,
-            **options,
+            **spec.pipeline_options,
         )
         pipeline.to(device)
     except torch.OutOfMemoryError as exc:
@@ -588,6 +436,7 @@ def load_pipeline(effect_name: str, directory: Path, device: torch.device, dtype
     cuda_allocated_delta = torch.cuda.memory_allocated(device) - allocated_before if on_cuda else None
     weight_bytes = _weight_bytes(pipeline)
     loaded = LoadedPipeline(
+        effect=effect_name,
         spec=spec,
         pipeline=pipeline,
         device=device,
@@ -669,15 +518,11 @@ def _pipeline_arguments(
     kind = loaded.spec.kind
     if kind == "upscale":
         if not isinstance(params, UpscaleParams):
-            raise TypeError(
-                f"{loaded.spec.effect} needs upscale params with a noise_level, got {type(params).__name__}"
-            )
+            raise TypeError(f"{loaded.effect} needs upscale params with a noise_level, got {type(params).__name__}")
         arguments["noise_level"] = params.noise_level
     else:
         if not isinstance(params, Img2ImgParams):
-            raise TypeError(
-                f"{loaded.spec.effect} needs image-to-image params with a strength, got {type(params).__name__}"
-            )
+            raise TypeError(f"{loaded.effect} needs image-to-image params with a strength, got {type(params).__name__}")
         arguments["strength"] = params.strength
     if kind == "sdxl_img2img":
         arguments.update(
@@ -754,7 +599,7 @@ def run_diffusion(
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    raise torch.cuda.OutOfMemoryError(f"{loaded.spec.effect}: {out_of_memory}")
+    raise torch.cuda.OutOfMemoryError(f"{loaded.effect}: {out_of_memory}")
 
 
 def _run(
@@ -808,70 +653,3 @@ def _run(
         timings["pipeline_ms"] = (diffused - prepared) * 1000
         timings["finish_ms"] = (finished - diffused) * 1000
     return output
-
-
-# --- GPU budget ------------------------------------------------------------------------------------
-
-
-def _meta_model(component: str, config: dict[str, Any]) -> torch.nn.Module:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    model: torch.nn.Module
-    # Built on the meta device: shapes only, no memory, no random initialisation.
-    with torch.device("meta"):
-        if component == "unet":
-            model = UNet2DConditionModel.from_config(config)
-        elif component == "vae":
-            model = AutoencoderKL.from_config(config)
-        elif component == "text_encoder":
-            model = CLIPTextModel(CLIPTextConfig(**config))
-        elif component == "text_encoder_2":
-            model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
-        else:
-            raise ValueError(f"no model class for component {component!r}")
-    return model
-
-
-def production_model(effect_name: str, component: str) -> torch.nn.Module:
-    """One model of an effect's production pipeline ('unet', 'vae', 'text_encoder', 'text_encoder_2'),
-    built from its vendored config on the `meta` device: real shapes, no weights."""
-    diffusion_spec(effect_name)
-    path = MODEL_CONFIGS_DIR / effect_name / f"{component}.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the production {component} config of {effect_name!r}")
-    return _meta_model(component, json.loads(path.read_text(encoding="utf-8")))
-
-
-@cache
-def component_parameter_counts(effect_name: str) -> dict[str, int]:
-    """Parameters (and buffers) of each model of an effect's production pipeline, e.g. {'unet': 859520964, ...}."""
-    diffusion_spec(effect_name)
-    directory = MODEL_CONFIGS_DIR / effect_name
-    counts: dict[str, int] = {}
-    for path in sorted(directory.glob("*.json")):
-        model = production_model(effect_name, path.stem)
-        counts[path.stem] = sum(t.numel() for t in [*model.parameters(), *model.buffers()])
-    if "unet" not in counts or "vae" not in counts:
-        raise FileNotFoundError(f"{directory} must hold unet.json and vae.json of the production pipeline")
-    return counts
-
-
-def resident_weight_bytes(
-    effect_names: list[str] | tuple[str, ...], dtype: torch.dtype = torch.float16
-) -> dict[str, int]:
-    """Bytes of weights each effect keeps resident on the GPU when loaded in `dtype`.
-
-    Computed from the production architectures (vendored configs, `meta` device), counting every
-    model `load_pipeline` keeps: UNet, VAE (float32 where the spec keeps it so) and text encoder(s).
-    """
-    element_size = torch.empty((), dtype=dtype).element_size()
-    sizes: dict[str, int] = {}
-    for name in effect_names:
-        spec = diffusion_spec(name)
-        total = 0
-        for component, count in component_parameter_counts(name).items():
-            size = 4 if component == "vae" and spec.vae_in_float32 else element_size
-            total += count * size
-        sizes[name] = total
-    return sizes

@@ -706,7 +706,9 @@ class Engine:
         `max_size` bounds the output's long side for effects that enlarge (the 4x upscaler):
         their input is shrunk first, so the request's max_size holds for every result.
         """
-        from effects.diffusion import DiffusionParams, diffusion_spec, run_diffusion
+        from effects import diffusion_spec
+        from effects.diffusion import run_diffusion
+        from effects.diffusion_base import DiffusionParams
 
         self.check_available(effect)
         loaded = self._pipelines[effect.name]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from effects.base import Effect
-from effects.diffusion import DiffusionSpec, Img2ImgParams
+from effects.diffusion_base import DiffusionSpec, Img2ImgParams
 
 
 class Params(Img2ImgParams):
@@ -34,8 +34,9 @@ class Params(Img2ImgParams):
 
 
 SPEC = DiffusionSpec(
-    effect="enhance",
     kind="sdxl_img2img",
+    hub_id="stabilityai/stable-diffusion-xl-refiner-1.0",
+    vae_hub_id="madebyollin/sdxl-vae-fp16-fix",
     prompt="a high quality photo, sharp focus, fine detail, natural colors, clean",
     negative_prompt="blurry, lowres, noisy, jpeg artifacts, oversaturated, deformed, distorted",
     scheduler="EulerDiscreteScheduler",
@@ -49,4 +50,5 @@ EFFECT = Effect(
     version=1,
     params=Params,
     model="enhance",
+    diffusion=SPEC,
 )

@@ -626,25 +626,3 @@ def quantise_mask(prob: torch.Tensor) -> torch.Tensor:
 def dequantise_mask(levels: torch.Tensor) -> torch.Tensor:
     """uint16 levels from the mask cache → float32 probabilities in [0, 1]."""
     return levels.to(torch.float32).div_(MASK_LEVELS)
-
-
-# ---------------------------------------------------------------------------------------
-# Cost
-
-
-def flops_per_forward(size: int, batch: int = 1) -> int:
-    """Floating-point operations of one forward at `size` × `size` (torch's FLOP counter).
-
-    Counts matrix multiplications and convolutions (2 per multiply-add), which is what bounds
-    the forward on a GPU's tensor cores; elementwise work is not counted. Runs on `meta`
-    tensors, so it takes no memory and no time beyond tracing.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-    net = build_inspyrenet(size, empty=True)
-    net.to(torch.device("meta"))  # the remaining real buffers (index tables, kernels) follow
-    _move_helper_kernels(net, torch.device("meta"))
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        _saliency_function(net)(torch.empty(batch, 3, size, size, device="meta"))
-    return int(counter.get_total_flops())

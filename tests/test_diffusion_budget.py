@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effects.diffusion import DIFFUSION_EFFECTS, component_parameter_counts, resident_weight_bytes
+from effects import DIFFUSION_EFFECTS
+from effects.engine import DEVICE_RESERVE_BYTES, DIFFUSION_JOB_BYTES, MASK_FORWARD_BYTES_PER_IMAGE, WORKING_SET_FACTOR
 from service.settings import Settings
+from tests.support.budget import component_parameter_counts, resident_weight_bytes
 
 GB = 1_000_000_000
+MIB = 1024**2
 
 # Published parameter counts (millions) of the production models, ±2 %:
 # SD 1.5 UNet 859.5 M, SD 2.x UNet 865.9 M, x4 upscaler UNet 473 M, SDXL refiner UNet 2.26 B (4.52 GB in fp16),
@@ -41,12 +44,29 @@ def test_each_pipeline_fits_its_share_of_the_budget() -> None:
         assert low * GB <= sizes[effect] <= high * GB, f"{effect}: {sizes[effect] / GB:.2f} GB"
 
 
-def test_configured_diffusion_effects_fit_the_settings_budget() -> None:
+# What the L4 leaves for diffusion weights (an estimate: no GPU measured; docs/capacity.md, "Does it fit
+# the L4?"): the 23,034 MiB `total_memory` of an L4, minus the cutout model (~200 MiB), the engine's
+# device reserve, one mask batch's and one diffusion job's activations (the engine's own constants) and
+# the tensor work of at least one request at the largest max_size (4096² RGBA float32 × the working-set
+# factor, 1 GiB). The engine does not refuse a set over this; this test does.
+L4_TOTAL_BYTES = 23_034 * MIB
+CUTOUT_WEIGHT_BYTES = 200 * MIB
+LARGEST_REQUEST_BYTES = int(4096 * 4096 * 4 * 4 * WORKING_SET_FACTOR)
+
+
+def diffusion_weight_budget(mask_batch_size: int) -> int:
+    shared = DEVICE_RESERVE_BYTES + mask_batch_size * MASK_FORWARD_BYTES_PER_IMAGE + DIFFUSION_JOB_BYTES
+    return L4_TOTAL_BYTES - CUTOUT_WEIGHT_BYTES - shared - LARGEST_REQUEST_BYTES
+
+
+def test_configured_diffusion_effects_fit_the_l4() -> None:
     settings = Settings()
     sizes = resident_weight_bytes(settings.diffusion_effects)
     total = sum(sizes.values())
     assert set(sizes) == set(settings.diffusion_effects) == set(DIFFUSION_EFFECTS)
-    assert total <= settings.diffusion_budget_gb * GB, f"{total / GB:.2f} GB over {settings.diffusion_budget_gb} GB"
+    budget = diffusion_weight_budget(settings.mask_batch_size)
+    assert budget == 14_802 * MIB  # 23,034 - 200 - 1,536 - 8 x 300 - 3,072 - 1,024 MiB
+    assert total <= budget, f"{total / GB:.2f} GB over the L4's {budget / GB:.2f} GB"
     # With the cutout model (~0.2 GB) this leaves the L4's 24 GB most of its room for one job.
     assert total < 13.5 * GB
 
@@ -61,5 +81,8 @@ def test_fp16_halves_everything_but_the_upscalers_fp32_vae() -> None:
 
 
 def test_a_tighter_budget_would_be_exceeded() -> None:
-    # The check can fail: the default set does not fit in 12 GB.
-    assert sum(resident_weight_bytes(DIFFUSION_EFFECTS).values()) > 12 * GB
+    # The check can fail: the default set does not fit in 12 GB, nor beside mask batches of 32
+    # (CUTOUT_MASK_BATCH_SIZE allows up to 64).
+    total = sum(resident_weight_bytes(DIFFUSION_EFFECTS).values())
+    assert total > 12 * GB
+    assert total > diffusion_weight_budget(32)

@@ -16,10 +16,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from effects import EFFECTS
+from effects import DIFFUSION_EFFECTS, EFFECTS
 from tests.support import photos
 
-STOCHASTIC = {"blackwhite", "upscale", "enhance", "comic", "aged"}
+STOCHASTIC = {"blackwhite", *DIFFUSION_EFFECTS}
 PHOTO = photos.png(48, 40, seed=11)
 
 
@@ -40,7 +40,8 @@ def test_effect_contract(model_client: TestClient, effect: str) -> None:
     cutout = rgba(run(model_client, "cutout"))
     first = run(model_client, effect, seed=3)
     output = rgba(first)
-    scale = 4 if effect == "upscale" else 1
+    spec = EFFECTS[effect].diffusion
+    scale = 1 if spec is None else spec.scale
     assert output.shape == (40 * scale, 48 * scale, 4)
     if scale == 1:
         assert np.array_equal(output[..., 3], cutout[..., 3]), "alpha must be the cutout's"

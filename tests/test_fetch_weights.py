@@ -18,13 +18,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from effects import DIFFUSION_EFFECTS, diffusion_spec
+from effects import weights as fetch_weights
 from effects.inspyrenet import MANIFEST_FILE, MODEL_DIR
-from scripts import fetch_weights
-from scripts.fetch_weights import CheckpointSource
-from scripts.make_test_weights import random_inspyrenet_state
+from effects.weights import CheckpointSource
 from tests.support import ROOT, photos
 from tests.support.client import send_process
 from tests.support.server import free_port, running_server
+from tests.support.weights import random_inspyrenet_state
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +156,49 @@ def test_a_server_answering_an_error_is_not_mistaken_for_offline(
     point_at(monkeypatch, mirror.replace("ckpt_fast.pth", "gone.pth"), None)  # 404
     assert fetch_weights.main([str(tmp_path / "models"), *RUN_FLAGS]) == 1
     assert "HTTP Error 404" in capsys.readouterr().err
+
+
+def test_diffusion_pipelines_come_from_the_registry_unless_the_command_line_says_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    models = tmp_path / "models"
+    (models / MODEL_DIR).mkdir(parents=True)
+    (models / MODEL_DIR / MANIFEST_FILE).write_text("{}", encoding="utf-8")  # the cutout is in place
+    asked: list[tuple[object, ...]] = []
+
+    def record(*args: object) -> int:
+        asked.append(args)
+        return 0
+
+    monkeypatch.setattr(fetch_weights, "fetch_diffusion", record)
+    assert fetch_weights.main([str(models), "--if-missing"]) == 0
+    assert asked.pop() == (models, list(DIFFUSION_EFFECTS), {}, {})
+    assert fetch_weights.main([str(models), "--if-missing", "--effects", "comic", "--model", "comic=x/y"]) == 0
+    assert asked.pop() == (models, ["comic"], {"comic": "x/y"}, {})
+    for bad, message in ((["--effects", "popart"], "not a diffusion effect"), (["--model", "comic"], "EFFECT=HUB_ID")):
+        with pytest.raises(SystemExit) as caught:
+            fetch_weights.main([str(models), "--if-missing", *bad])
+        assert caught.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not asked
+
+
+def test_a_pipeline_is_fetched_from_the_hub_id_of_its_registry_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requested: list[str] = []
+
+    class Stop(Exception):
+        pass
+
+    def from_pretrained_fp16(pipeline_class: object, model_id: str, **options: object) -> None:
+        requested.append(model_id)
+        raise Stop
+
+    monkeypatch.setattr(fetch_weights, "_from_pretrained_fp16", from_pretrained_fp16)
+    with pytest.raises(Stop):
+        fetch_weights.fetch_pipelines(tmp_path, ["comic"])
+    with pytest.raises(Stop):
+        fetch_weights.fetch_pipelines(tmp_path, ["comic"], model_ids={"comic": "elsewhere/comic"})
+    assert requested == [diffusion_spec("comic").hub_id, "elsewhere/comic"]
+    assert requested[0] == "nitrosocke/Ghibli-Diffusion"

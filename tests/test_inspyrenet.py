@@ -28,14 +28,14 @@ from effects.inspyrenet import (
     CutoutModel,
     ModelLoadError,
     dequantise_mask,
-    flops_per_forward,
     load_cutout_model,
     quantise_mask,
     weights_digest,
 )
-from scripts.fetch_weights import WeightsFetchError, convert_checkpoint, file_md5, package_checkpoint_source
-from scripts.make_test_weights import write_inspyrenet
+from effects.weights import WeightsFetchError, convert_checkpoint, file_md5, package_checkpoint_source
+from tests.support.budget import flops_per_forward
 from tests.support.photos import photo
+from tests.support.weights import write_inspyrenet
 
 CPU = torch.device("cpu")
 # (height, width): odd sizes, both orientations, extreme aspect ratios, single pixels.

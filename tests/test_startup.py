@@ -24,8 +24,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 import effects.engine as engine_module
+from effects import DIFFUSION_EFFECTS
 from service.app import create_app
-from service.settings import DIFFUSION_EFFECTS
 from tests.support import ROOT
 from tests.support.app import make_settings
 from tests.support.photos import png as png_bytes
@@ -168,7 +168,7 @@ def pipelines_copy(models_dir: Path, tmp_path: Path) -> Path:
 def pipeline_class(name: str) -> Any:
     import diffusers
 
-    from effects.diffusion import diffusion_spec
+    from effects import diffusion_spec
 
     return getattr(diffusers, diffusion_spec(name).pipeline_class_name)
 

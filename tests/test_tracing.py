@@ -10,9 +10,9 @@ from fastapi.testclient import TestClient
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from scripts.make_test_weights import write_inspyrenet
 from tests.support import photos
 from tests.support.telemetry import exporting_spans
+from tests.support.weights import write_inspyrenet
 
 TRACE_ID = "105445aa7843bc8bf206b12000100000"
 

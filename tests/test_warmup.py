@@ -20,12 +20,12 @@ from cryptography.x509.oid import NameOID
 from fastapi.testclient import TestClient
 from google.auth import crypt, jwt
 
-from scripts.make_test_weights import write_inspyrenet
 from service.app import create_app
 from service.errors import Forbidden
 from service.warmup import CertsTransport, WarmupAuth
 from tests.support.app import make_settings
 from tests.support.server import free_port, running_server
+from tests.support.weights import write_inspyrenet
 
 TOKEN = "s3cret-warmup-token-0123456789"
 AUDIENCE = "https://cutout.example/warmup"

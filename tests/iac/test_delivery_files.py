@@ -7,7 +7,11 @@ the build caches and tags, every action is pinned, the deploy canaries and rolls
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +95,35 @@ def test_multi_stage_with_weights_baked_into_models() -> None:
     env = " ".join(args for instruction, args in runtime if instruction == "ENV")
     assert "CUTOUT_MODELS_DIR=/models" in env
     assert "HOST=0.0.0.0" in env
+
+
+def test_the_weights_stage_copies_everything_the_fetcher_imports(tmp_path: Path) -> None:
+    # The weights stage copies only what fetching needs, so a change to the service alone reuses the
+    # (~13 GB) weights layer; its copies must still be enough to run the fetcher.
+    copies = [args.split() for instruction, args in stages()["weights"] if instruction == "COPY"]
+    assert copies and all(len(parts) == 2 for parts in copies), copies
+    assert {source for source, _ in copies} == {"scripts/fetch_weights.py", "effects/"}
+    for source, target in copies:  # as Docker does: a directory's contents into the target, a file into it
+        if source.endswith("/"):
+            shutil.copytree(ROOT / source, tmp_path / target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (tmp_path / target).mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / source, tmp_path / target)
+    ignored = (ROOT / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    assert all(f"!{source}" in ignored for source, _ in copies), "the build context must let the copies through"
+    # PYTHONPATH as the stage sets it (/src there); the repository itself is not on the path.
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(tmp_path), "HOME": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-s", "scripts/fetch_weights.py", "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "--cutout-only" in run.stdout and "EFFECT=HUB_ID" in run.stdout
 
 
 def test_runs_python_m_service_as_a_non_root_user() -> None:
