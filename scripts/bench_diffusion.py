@@ -31,12 +31,15 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from effects import DIFFUSION_EFFECTS, aged, comic, diffusion_spec, enhance, upscale
+from effects import DIFFUSION_EFFECTS, EFFECTS, diffusion_spec
 from effects.diffusion import load_pipeline, run_diffusion
 from tests.support.budget import production_model
 from tests.support.weights import write_tiny_pipelines
 
-MODULES: dict[str, Any] = {"upscale": upscale, "enhance": enhance, "comic": comic, "aged": aged}
+
+def upscales(effect: str) -> bool:
+    return diffusion_spec(effect).kind == "upscale"
+
 
 # Published anchor: Stable Diffusion 1.5, 512x512, 50 steps, fp16 PyTorch on an NVIDIA A10: 2.95 s per
 # image (Deci AI, DeciDiffusion-v1-0 model card, "PyTorch 50 iterations" row).
@@ -51,13 +54,13 @@ L4_VS_A10 = 0.85
 
 
 def bench_params(effect: str) -> Any:
-    if effect == "upscale":
-        return upscale.Params(steps=5)
-    return MODULES[effect].Params(steps=10, strength=0.4)
+    if upscales(effect):
+        return EFFECTS[effect].params.model_validate({"steps": 5})
+    return EFFECTS[effect].params.model_validate({"steps": 10, "strength": 0.4})
 
 
 def effective_steps(effect: str, params: Any) -> int:
-    return int(params.steps if effect == "upscale" else params.steps * params.strength)
+    return int(params.steps if upscales(effect) else params.steps * params.strength)
 
 
 def cutout(size: int) -> torch.Tensor:
@@ -124,7 +127,7 @@ def production_workloads() -> list[Workload]:
     workloads = []
     for effect in DIFFUSION_EFFECTS:
         spec = diffusion_spec(effect)
-        defaults = MODULES[effect].Params()
+        defaults = EFFECTS[effect].params()
         side = spec.max_side
         workloads.append(Workload(effect, side, side * spec.scale, effective_steps(effect, defaults)))
     return workloads
@@ -143,12 +146,12 @@ def unet_step_flops(effect: str, side: int) -> float:
     unet: Any = production_model(effect, "unet")
     config = unet.config
     with torch.device("meta"):
-        latent = side if effect == "upscale" else side // 8
+        latent = side if upscales(effect) else side // 8
         sample = torch.randn(2, config.in_channels, latent, latent)
         timestep = torch.tensor([500, 500])
         context = torch.randn(2, 77, config.cross_attention_dim)
         extra: dict[str, Any] = {}
-        if effect == "upscale":
+        if upscales(effect):
             extra["class_labels"] = torch.tensor([20, 20])
         if effect == "enhance":
             text_embeds = torch.randn(2, 1280)
@@ -178,7 +181,7 @@ def vae_flops(effect: str, side: int, output_side: int, tiled: bool | None = Non
         latents = torch.randn(1, 4, latent_side, latent_side)
         image = torch.randn(1, 3, side, side)
     total = _flops(lambda: vae.decode(latents)) * tiles_per_side**2
-    if effect != "upscale":
+    if not upscales(effect):
         total += _flops(lambda: vae.encode(image))
     return total
 
