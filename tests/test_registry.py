@@ -98,6 +98,8 @@ def test_the_registry_does_not_import_the_diffusion_libraries() -> None:
         assert "torch" in imported, "the check reads -X importtime's output"
         heavy = sorted(name for name in imported if name.split(".")[0] in {"diffusers", "transformers"})
         assert not heavy, f"import {module} pulls in {heavy[:5]}"
+        # The weight fetcher is build-time tooling (network, the Hub): the serving code never loads it.
+        assert "effects.weights" not in imported, f"import {module} pulls in the weight fetcher"
 
 
 # --- The registry's entries ------------------------------------------------------------------------
