@@ -20,7 +20,7 @@ Decoding (`decode`, `load`):
   8-bit (torch's uint8 antialiased bilinear kernel: the filter the engine uses, computed in
   fixed point, within 1/255 of its float result); on a GPU the engine resizes on the device.
 
-Encoding (`encode`, `encode_async`, `encode_many`): PNG through libpng with zlib-ng
+Encoding (`encode`, `encode_async`): PNG through libpng with zlib-ng
 (`imagecodecs`) at the configured zlib level with the Up row filter instead of Pillow's
 per-row adaptive filter search; JPEG (libjpeg-turbo) through Pillow as before, WebP through
 Pillow at a faster `method`. Same PNG modes as before (greyscale results as L/LA, opaque ones
@@ -38,7 +38,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,13 +374,6 @@ def encode(pixels: np.ndarray, output_format: str, png_compress_level: int = 3) 
         samples = pixels[:, :, :3] if opaque else pixels
     data = imagecodecs.png_encode(np.ascontiguousarray(samples), level=png_compress_level, filter=PNG_FILTER)
     return bytes(data)
-
-
-def encode_many(items: Sequence[np.ndarray], output_format: str, png_compress_level: int = 3) -> list[bytes]:
-    """Encode several results at once on the encoder pool; the order of `items` is kept."""
-    pool = encode_pool()
-    futures = [pool.submit(encode, pixels, output_format, png_compress_level) for pixels in items]
-    return [future.result() for future in futures]
 
 
 async def encode_async(pixels: np.ndarray, output_format: str, png_compress_level: int = 3) -> bytes:

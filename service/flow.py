@@ -207,7 +207,7 @@ class Flow:
             raise ImageNotCached(
                 f"no stored result for {', '.join(missing)} of image {image_hash}; upload the photo in `image`"
             )
-        note_results(found.values())  # type: ignore[arg-type]
+        note_results(found.values())
         return ProcessOutcome(image_hash, found, {"total": _ms_since(started)})
 
     async def process(self, upload: bytes, request: ProcessRequest, *, want_bytes: bool = False) -> ProcessOutcome:
@@ -229,7 +229,7 @@ class Flow:
             finally:
                 await held
         timings["total"] = _ms_since(started)
-        note_results(results.values())  # type: ignore[arg-type]  # Literal cache outcomes are str
+        note_results(results.values())
         return ProcessOutcome(image_hash, {name: results[name] for name in request.effects}, timings)
 
     async def _compute(self, upload: bytes, job: _Job) -> dict[str, EffectResult]:

@@ -302,7 +302,6 @@ class MonitoringExporter:
         self._task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._last_write = -math.inf
-        self.calls = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="cutout-metrics-export")
@@ -346,7 +345,6 @@ class MonitoringExporter:
             return written
 
     def _write(self, chunk: Sequence[Any]) -> None:
-        self.calls += 1
         self.client.create_time_series(
             name=f"projects/{self.project}", time_series=list(chunk), retry=None, timeout=WRITE_TIMEOUT_S
         )

@@ -111,8 +111,10 @@ def current_request() -> RequestRecord | None:
 
 
 class _Result(Protocol):
-    effect: str
-    cache: str
+    @property
+    def effect(self) -> str: ...
+    @property
+    def cache(self) -> str: ...
 
 
 def note_results(results: Iterable[_Result]) -> None:

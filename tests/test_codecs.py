@@ -342,9 +342,13 @@ def test_jpeg_is_the_reference_bytes_webp_as_good_and_bad_input_is_refused() -> 
         codecs.encode(pixels[:, :, :3].copy(), "webp")
 
 
-def test_encode_many_keeps_order_and_runs_on_the_pool_threads() -> None:
+def test_encode_async_keeps_order_and_runs_on_the_pool_threads() -> None:
     items = [result_pixels(kind) for kind in ("rgba", "rgb", "grey", "grey-alpha", "rgba")]
-    encoded = codecs.encode_many(items, "png", 1)
+
+    async def all_of_them() -> list[bytes]:
+        return list(await asyncio.gather(*(codecs.encode_async(pixels, "png", 1) for pixels in items)))
+
+    encoded = asyncio.run(all_of_them())
     for data, pixels in zip(encoded, items, strict=True):
         with Image.open(io.BytesIO(data)) as image:
             assert np.array_equal(np.asarray(image.convert("RGBA")), pixels)
